@@ -1,0 +1,12 @@
+"""kdsearch: find the best small student for a knowledge-distillation job.
+
+    python -m kdsearch run-study                  # the default study (studies/digits.toml)
+    python -m kdsearch run-study studies/mnist.toml --data-dir ../shared/data
+    python -m kdsearch report --study-name digits
+"""
+
+__version__ = "0.1.0"
+
+
+class KdsearchError(Exception):
+    """An error the user can fix: the message names what is wrong and how to fix it."""

@@ -1,0 +1,5 @@
+import sys
+
+from kdsearch.cli import main
+
+sys.exit(main())

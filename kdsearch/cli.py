@@ -1,0 +1,126 @@
+"""Command line: parses arguments and calls the plain functions in the package; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdsearch import KdsearchError, __version__
+
+DEFAULT_STUDY = "digits"
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+
+
+def find_study_file(name: str) -> Path:
+    """A path as given, or a name looked up in ./studies and in the studies folder beside the package."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    for folder in (Path("studies"), Path(__file__).resolve().parent.parent / "studies"):
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    raise KdsearchError(f"no study file '{name}': pass a .toml path or the name of a file in studies/")
+
+
+def _positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kdsearch",
+        description="Search for the best small student network to distill from a fixed teacher, "
+                    "tracked in MLflow and drawn as a Pareto front.")
+    parser.add_argument("--version", action="version", version=f"kdsearch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run-study", help="run or resume a study",
+                              description="Run (or resume, with the same --study-name) an Optuna study of students "
+                                          "distilled from the study's teacher; then write the Pareto report.")
+    run.add_argument("study", nargs="?", default=DEFAULT_STUDY,
+                     help="study file (.toml) or name of one in studies/ (default: %(default)s)")
+    run.add_argument("--n-trials", type=_positive_int, help="trials to add in this run (default: the study file's, 20)")
+    run.add_argument("--timeout", type=_seconds, help="stop starting new trials after this many seconds")
+    run.add_argument("--data-dir", help="folder holding the dataset (default: the study file's data.data_dir)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a study-file key, e.g. --set distill.epochs=5 (repeatable)")
+    run.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+    run.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
+    _add_common(run)
+
+    rep = commands.add_parser("report", help="write the Pareto report of a study",
+                              description="Write reports/<study>/pareto.{html,png,csv} and log them to the study's "
+                                          "MLflow run.")
+    _add_common(rep)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study-name", help="Optuna study name (default: the study file's name; report: 'digits')")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db here)")
+    p.add_argument("--reports-dir", default="reports", help="where reports go (default: %(default)s)")
+
+
+def cmd_run_study(args: argparse.Namespace) -> None:
+    from kdsearch.config import load_study
+    from kdsearch.search import run_study
+
+    overrides = list(args.set)
+    if args.n_trials:
+        overrides.append(f"search.n_trials={args.n_trials}")
+    if args.timeout:
+        overrides.append(f"search.timeout={args.timeout}")
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir!r}")
+    cfg = load_study(find_study_file(args.study), overrides)
+    run_study(cfg, study_name=args.study_name, storage=args.storage, tracking_uri=args.tracking_uri,
+              device=args.device, cache_dir=args.cache_dir, reports_dir=args.reports_dir)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from kdsearch.report import load_and_report
+
+    load_and_report(args.study_name or DEFAULT_STUDY, args.storage, args.tracking_uri, Path(args.reports_dir))
+
+
+def _quiet_libraries() -> None:
+    """Our own progress lines replace the libraries' INFO logs (study created, database tables made)."""
+    import logging
+
+    import mlflow  # noqa: F401  (configures its loggers on import; set our level after that)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        {"run-study": cmd_run_study, "report": cmd_report}[args.command](args)
+    except KdsearchError as e:
+        print(f"kdsearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        name = getattr(args, "study_name", None) or ""
+        print(f"\nkdsearch: interrupted; finished trials are kept. Run the same command again to resume"
+              f"{' study ' + name if name else ''}.", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,220 @@
+"""The study file: TOML in, one validated `StudyConfig` out.
+
+Every key, its type and its default live in the dataclasses below; `docs/study-file.md` describes them.
+A search range is a two-element list `[low, high]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from kdsearch import KdsearchError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+SAMPLERS = ("tpe", "nsga2", "random")
+ARCHITECTURES = ("convnet",)
+
+
+class Range(tuple):
+    """A `[low, high]` float search range."""
+
+
+class IntRange(tuple):
+    """A `[low, high]` integer search range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2  # only for datasets without an official test split (digits, imagefolder)
+    image_size: int = 32  # imagefolder only: images are resized to this square
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    arch: str = "convnet"
+    width: int = 32  # channels of the first stage; each later stage doubles them
+    depth: int = 3  # convolution stages
+    convs_per_stage: int = 1
+    epochs: int = 20
+    lr: float = 0.05
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    checkpoint: str = ""  # a state_dict for `arch`, or a TorchScript file, instead of training
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = "convnet"
+    base_width: int = 8  # channels of the first stage at width multiplier 1
+    width: Range = Range((0.25, 2.0))  # channel multiplier, sampled on a log scale
+    depth: IntRange = IntRange((1, 3))
+    convs_per_stage: int = 1
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    temperature: Range = Range((1.0, 20.0))  # sampled on a log scale
+    alpha: Range = Range((0.0, 1.0))
+    lr: Range = Range((0.01, 0.3))  # sampled on a log scale
+    epochs: int = 10
+    batch_size: int = 64
+    weight_decay: float = 5e-4
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_trials: int = 20
+    timeout: float = 0.0  # seconds; 0 means no limit
+    sampler: str = "tpe"
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    device: str = "cpu"
+    threads: int = 1
+    batch_size: int = 1
+    min_run_time: float = 0.2  # seconds of timing per measurement, after warm-up
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "digits"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> StudyConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read, override (`section.key=value` strings) and validate a study file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdsearchError(f"study file {path} not found: pass an existing .toml file (see studies/)")
+    try:
+        table = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise KdsearchError(f"{path} is not valid TOML ({e}): fix the syntax") from None
+    for item in overrides or []:
+        _apply_override(table, item)
+    config = build(StudyConfig, table, str(path))
+    check_values(config, str(path))
+    return config
+
+
+def _apply_override(table: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise KdsearchError(f"--set {item!r}: write it as section.key=value, e.g. --set distill.epochs=5")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word is taken as a string
+    *sections, last = key.strip().split(".")
+    for name in sections:
+        table = table.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise KdsearchError(f"--set {item!r}: {name} is not a section")
+    table[last] = value
+
+
+def build(cls: type, table: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a TOML table, checking keys and types; `where` names the file."""
+    if not isinstance(table, dict):
+        raise KdsearchError(f"{where}: {prefix.rstrip('.')} = {table!r}: expected a table [{prefix.rstrip('.')}]")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid keys: {', '.join(names)}"
+            raise KdsearchError(f"{where}: unknown key '{prefix}{key}': {hint}")
+    values = {}
+    for name in names:
+        if name in table:
+            values[name] = _convert(hints[name], table[name], where, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _convert(kind: type, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return build(kind, value, where, f"{key}.")
+    if kind in (Range, IntRange):
+        scalar = float if kind is Range else int
+        if not (isinstance(value, list) and len(value) == 2):
+            raise KdsearchError(f"{where}: {key} = {value!r}: expected a range [low, high]")
+        low, high = (_scalar(scalar, v, where, key) for v in value)
+        if low > high:
+            raise KdsearchError(f"{where}: {key} = {value!r}: low is above high; write [{high}, {low}]")
+        return kind((low, high))
+    return _scalar(kind, value, where, key)
+
+
+def _scalar(kind: type, value: Any, where: str, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind or (kind is float and not math.isfinite(value)):
+        expected = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}[kind]
+        raise KdsearchError(f"{where}: {key} = {value!r}: expected {expected}")
+    return value
+
+
+def check_values(c: StudyConfig, where: str) -> None:
+    """Checks on allowed values that the types alone do not express."""
+    choices = [
+        ("data.dataset", c.data.dataset, DATASETS),
+        ("search.sampler", c.search.sampler, SAMPLERS),
+        ("teacher.arch", c.teacher.arch, ARCHITECTURES),
+        ("student.arch", c.student.arch, ARCHITECTURES),
+    ]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise KdsearchError(f"{where}: {key} = {value!r} is unknown: use one of {', '.join(allowed)}")
+    positive = {
+        "teacher.width": c.teacher.width, "teacher.depth": c.teacher.depth,
+        "teacher.convs_per_stage": c.teacher.convs_per_stage, "teacher.batch_size": c.teacher.batch_size,
+        "teacher.lr": c.teacher.lr, "student.base_width": c.student.base_width,
+        "student.width": c.student.width[0], "student.depth": c.student.depth[0],
+        "student.convs_per_stage": c.student.convs_per_stage, "distill.temperature": c.distill.temperature[0],
+        "distill.lr": c.distill.lr[0], "distill.epochs": c.distill.epochs,
+        "distill.batch_size": c.distill.batch_size, "search.n_trials": c.search.n_trials,
+        "latency.threads": c.latency.threads, "latency.batch_size": c.latency.batch_size,
+        "latency.min_run_time": c.latency.min_run_time, "data.image_size": c.data.image_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise KdsearchError(f"{where}: {key} = {value} must be above 0")
+    for key, value in {"teacher.epochs": c.teacher.epochs, "search.timeout": c.search.timeout,
+                       "teacher.weight_decay": c.teacher.weight_decay,
+                       "distill.weight_decay": c.distill.weight_decay}.items():
+        if value < 0:
+            raise KdsearchError(f"{where}: {key} = {value} must not be negative")
+    if not (0 <= c.distill.alpha[0] and c.distill.alpha[1] <= 1):
+        raise KdsearchError(f"{where}: distill.alpha = {list(c.distill.alpha)} must lie within [0, 1]")
+    for key, value in {"data.val_fraction": c.data.val_fraction, "data.test_fraction": c.data.test_fraction}.items():
+        if not 0 < value < 0.5:
+            raise KdsearchError(f"{where}: {key} = {value} must lie between 0 and 0.5")
+    if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
+        raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")

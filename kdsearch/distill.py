@@ -1,0 +1,108 @@
+"""The Hinton KD loss and the training loop. Knows nothing of Optuna or MLflow: it calls back once per epoch.
+
+Data stays as whole tensors on the training device; each epoch slices batches out of a fresh permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdsearch.data import Split
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), averaged over the batch.
+
+    The T^2 keeps the soft term's gradients on the same scale as the hard term's as T changes (Hinton et al.).
+    """
+    hard = F.cross_entropy(student_logits, labels)
+    if alpha == 0:
+        return hard
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+class Normalizer:
+    """uint8 images to float, normalised per channel; one fused multiply-add on the device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str):
+        std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.scale = 1 / (255 * std_t)
+        self.shift = -torch.tensor(mean, device=device).view(1, -1, 1, 1) / std_t
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 5e-4
+    temperature: float = 1.0
+    alpha: float = 0.0  # 0: plain cross-entropy, the teacher's logits are not needed
+    seed: int = 0
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+EpochCallback = Callable[[int, float, float], None]  # (epoch, train_loss, val_acc)
+
+
+def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
+          teacher_logits: torch.Tensor | None = None, on_epoch: EpochCallback | None = None) -> float:
+    """Train `model` in place (SGD with Nesterov momentum, cosine decay per step); return the final val_acc."""
+    if settings.alpha > 0 and teacher_logits is None:
+        raise ValueError("alpha > 0 needs the teacher's logits over the training set")
+    n = len(train_set)
+    batch_size = min(settings.batch_size, n)
+    steps_per_epoch = n // batch_size
+    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
+                          weight_decay=settings.weight_decay)
+    total_steps = settings.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    gen = torch.Generator(device=train_set.x.device).manual_seed(settings.seed)
+    val_acc = float("nan")
+    for epoch in range(settings.epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen, device=train_set.x.device)
+        loss_sum = torch.zeros((), device=train_set.x.device)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            logits = model(normalize(train_set.x[idx]))
+            targets = teacher_logits[idx] if settings.alpha > 0 else None
+            loss = kd_loss(logits, targets, train_set.y[idx], settings.temperature, settings.alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / steps_per_epoch  # the one host sync of the epoch
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1}")
+        val_acc = accuracy(model, val_set, normalize)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, train_loss, val_acc)
+    return val_acc
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(normalize(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, split: Split, normalize: Normalizer) -> float:
+    logits = predict_logits(model, split.x, normalize)
+    return (logits.argmax(dim=1) == split.y).float().mean().item()

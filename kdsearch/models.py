@@ -1,0 +1,56 @@
+"""The CNN family used for teachers and students.
+
+`convnet`: `depth` stages of `convs_per_stage` x (3x3 conv without bias, BatchNorm, ReLU), stage i having
+`width * 2**i` channels and ending in a 2x2 max-pool while the image is larger than 1x1; then global average
+pooling and one linear layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    in_channels: int
+    num_classes: int
+    width: int  # channels of the first stage
+    depth: int
+    convs_per_stage: int = 1
+
+    def channels(self) -> list[int]:
+        return [self.width * 2**i for i in range(self.depth)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def student_width(base_width: int, multiplier: float) -> int:
+    return max(1, round(base_width * multiplier))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, arch: Architecture, image_size: int):
+        super().__init__()
+        self.arch = arch
+        layers: list[nn.Module] = []
+        c_in, size = arch.in_channels, image_size
+        for c_out in arch.channels():
+            for _ in range(arch.convs_per_stage):
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                c_in = c_out
+            if size > 1:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, arch.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def build_model(arch: Architecture, image_size: int) -> ConvNet:
+    return ConvNet(arch, image_size)

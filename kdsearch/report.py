@@ -1,0 +1,141 @@
+"""The Pareto front of a study: an interactive HTML chart, a static PNG, a CSV, and a table in the terminal.
+
+The front is Optuna's own `study.best_trials` (validation accuracy up, parameters and latency down).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+
+PANELS = [("params", "parameters (log scale)", True), ("latency_ms", "latency (ms)", False)]
+TABLE_COLUMNS = ["trial", "val_acc", "test_acc", "params", "latency_ms", "width", "depth", "temperature", "alpha"]
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per complete trial: objectives, test accuracy, sampled params, run id, and whether it is on the front."""
+    front = {t.number for t in study.best_trials}
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        acc, params, latency = t.values
+        rows.append({"trial": t.number, "val_acc": acc, "test_acc": t.user_attrs.get("test_acc"),
+                     "params": int(params), "latency_ms": latency, "flops": t.user_attrs.get("flops"),
+                     **t.params, "channels": t.user_attrs.get("channels"),
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "pareto": t.number in front})
+    return pd.DataFrame(rows)
+
+
+def front_2d(df: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Rows that no other row beats on both val_acc (higher) and `x` (lower): the staircase drawn in each panel."""
+    d = df.sort_values([x, "val_acc"], ascending=[True, False])
+    best_before = d["val_acc"].cummax().shift(fill_value=float("-inf"))
+    return d[d["val_acc"] > best_before]
+
+
+def write_report(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Write pareto.html, pareto.png and pareto.csv under `out_dir`; return the front and the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = trials_frame(study)
+    front = df[df["pareto"]].sort_values("params") if len(df) else df
+    teacher = study.user_attrs.get("teacher")
+    paths = [out_dir / "pareto.csv", out_dir / "pareto.html", out_dir / "pareto.png"]
+    front.drop(columns=["pareto"], errors="ignore").to_csv(paths[0], index=False)
+    _plotly_figure(df, teacher, study.study_name).write_html(paths[1], include_plotlyjs=True)
+    _matplotlib_figure(df, teacher, study.study_name, paths[2])
+    return front, paths
+
+
+def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | None = None) -> pd.DataFrame:
+    """Write the report under reports_dir/<study>, log it to the study's MLflow run, print the front."""
+    front, paths = write_report(study, reports_dir / study.study_name)
+    run_id = study.user_attrs.get("mlflow_run_id")
+    if client is not None and run_id:
+        for path in paths:
+            client.log_artifact(run_id, str(path), artifact_path="report")
+    print(f"Pareto front of '{study.study_name}': {len(front)} of {len(trials_frame(study))} complete trials")
+    if len(front):
+        print(front[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"report: {paths[1]} ({paths[2].name}, {paths[0].name})")
+    return front
+
+
+def _hover(df: pd.DataFrame) -> list[str]:
+    return [f"trial {r.trial}<br>val_acc {r.val_acc:.4f} test_acc {r.test_acc:.4f}<br>params {r.params:,} "
+            f"latency {r.latency_ms:.3f} ms<br>width {r.width:.2f} depth {r.depth} channels {r.channels}<br>"
+            f"T {r.temperature:.2f} alpha {r.alpha:.2f} lr {r.lr:.4f}<br>MLflow run {r.mlflow_run_id}"
+            for r in df.itertuples()]
+
+
+def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
+                        subplot_titles=["accuracy vs parameters", "accuracy vs latency"])
+    for col, (x, title, log) in enumerate(PANELS, start=1):
+        first = col == 1
+        if len(df):
+            dominated, front = df[~df["pareto"]], df[df["pareto"]]
+            fig.add_trace(go.Scatter(x=dominated[x], y=dominated["val_acc"], mode="markers", name="dominated",
+                                     marker={"color": "grey", "opacity": 0.35}, hovertext=_hover(dominated),
+                                     hoverinfo="text", showlegend=first, legendgroup="d"), row=1, col=col)
+            fig.add_trace(go.Scatter(x=front[x], y=front["val_acc"], mode="markers", name="Pareto-optimal",
+                                     marker={"color": "crimson", "size": 10}, hovertext=_hover(front),
+                                     hoverinfo="text", showlegend=first, legendgroup="p"), row=1, col=col)
+            stairs = front_2d(df, x)
+            fig.add_trace(go.Scatter(x=stairs[x], y=stairs["val_acc"], mode="lines", line={"shape": "hv",
+                                     "color": "crimson"}, name="front", showlegend=False, hoverinfo="skip"),
+                          row=1, col=col)
+        if teacher:
+            fig.add_trace(go.Scatter(x=[teacher[x]], y=[teacher["val_acc"]], mode="markers+text", text=["teacher"],
+                                     textposition="bottom center", name="teacher", showlegend=first,
+                                     marker={"symbol": "star", "size": 14, "color": "black"}), row=1, col=col)
+        fig.update_xaxes(title_text=title, type="log" if log else "linear", row=1, col=col)
+    fig.update_yaxes(title_text="validation accuracy", row=1, col=1)
+    fig.update_layout(title=f"kdsearch study '{name}'", template="plotly_white", height=520, width=1100)
+    return fig
+
+
+def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, (x, title, log) in zip(axes, PANELS):
+        if len(df):
+            dominated, front, stairs = df[~df["pareto"]], df[df["pareto"]], front_2d(df, x)
+            ax.scatter(dominated[x], dominated["val_acc"], color="grey", alpha=0.35, label="dominated")
+            ax.scatter(front[x], front["val_acc"], color="crimson", label="Pareto-optimal", zorder=3)
+            ax.step(stairs[x], stairs["val_acc"], where="post", color="crimson")
+        if teacher:
+            ax.scatter([teacher[x]], [teacher["val_acc"]], marker="*", s=200, color="black", label="teacher")
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[0].legend(loc="lower right")
+    fig.suptitle(f"kdsearch study '{name}'")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_and_report(study_name: str, storage: str, tracking_uri: str | None, reports_dir: Path) -> pd.DataFrame:
+    """The `report` command: load a finished (or running) study and write its report."""
+    from kdsearch import KdsearchError
+    from kdsearch.tracking import client_for
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise KdsearchError(f"no study '{study_name}' in {storage}: pass --study-name and --storage of a study "
+                            "made by run-study") from None
+    except (ValueError, ImportError) as e:
+        raise KdsearchError(f"cannot open Optuna storage {storage!r} ({e}): pass a valid --storage URL") from None
+    return report_study(study, reports_dir, client_for(tracking_uri))

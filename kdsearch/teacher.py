@@ -1,0 +1,142 @@
+"""The fixed teacher: trained once per (data, architecture, training settings, seed), cached on disk with its
+logits over the training set so that no trial runs the teacher again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdsearch import KdsearchError
+from kdsearch.config import StudyConfig
+from kdsearch.data import Dataset
+from kdsearch.distill import Normalizer, TrainSettings, accuracy, predict_logits, train
+from kdsearch.measure import count_flops, count_params, measure_latency
+from kdsearch.models import Architecture, build_model
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    train_logits: torch.Tensor  # [N_train, classes], on the training device
+    metrics: dict  # val_acc, test_acc, params, flops, latency_ms
+    key: str
+    path: Path  # the cache folder
+
+    @property
+    def trained_now(self) -> bool:
+        return self.metrics.get("trained_now", False)
+
+
+def teacher_key(cfg: StudyConfig) -> str:
+    data = asdict(cfg.data)
+    data.pop("data_dir")
+    data.pop("download")
+    fields = {"data": data, "teacher": asdict(cfg.teacher), "seed": cfg.seed}
+    if cfg.teacher.checkpoint:
+        fields["checkpoint_sha"] = _file_sha(Path(cfg.teacher.checkpoint))
+    text = json.dumps(fields, sort_keys=True)
+    return f"{cfg.data.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def teacher_arch(cfg: StudyConfig, data: Dataset) -> Architecture:
+    t = cfg.teacher
+    return Architecture(data.input_shape[0], data.num_classes, t.width, t.depth, t.convs_per_stage)
+
+
+def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path) -> Teacher:
+    """Load the cached teacher, or train (or read the user's checkpoint), measure and cache it."""
+    key = teacher_key(cfg)
+    folder = cache_dir / "teachers" / key
+    normalize = Normalizer(data.mean, data.std, device)
+    if (folder / "meta.json").is_file():
+        model = _load_cached(folder, cfg, data)
+        metrics = json.loads((folder / "meta.json").read_text())
+        logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
+        return Teacher(model.to(device).eval(), logits, metrics, key, folder)
+    model = _build_or_load(cfg, data).to(device)
+    if not cfg.teacher.checkpoint:
+        t = cfg.teacher
+        settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
+                                 seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        train(model, data.train.to(device), data.val.to(device), normalize, settings)
+    logits = predict_logits(model, data.train.x.to(device), normalize)
+    metrics = {
+        "val_acc": accuracy(model, data.val.to(device), normalize),
+        "test_acc": accuracy(model, data.test.to(device), normalize),
+        "params": count_params(model),
+        "flops": count_flops(model.cpu(), data.input_shape),
+        "latency_ms": measure_latency(model, data.input_shape, cfg.latency).median_ms,
+    }
+    _save(folder, model.cpu(), logits, metrics)
+    return Teacher(model.to(device).eval(), logits, {**metrics, "trained_now": True}, key, folder)
+
+
+def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -> None:
+    """Write into a temporary folder, then rename: a crash never leaves a half-written cache entry."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    if isinstance(model, torch.jit.ScriptModule):
+        model.save(str(tmp / "teacher.ts"))
+    else:
+        torch.save(model.state_dict(), tmp / "teacher.pt")
+    torch.save(logits.cpu(), tmp / "train_logits.pt")
+    (tmp / "meta.json").write_text(json.dumps(metrics, indent=1))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process cached the same teacher first; theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset) -> nn.Module:
+    if (folder / "teacher.ts").is_file():
+        return torch.jit.load(str(folder / "teacher.ts"), map_location="cpu")
+    model = build_model(teacher_arch(cfg, data), data.input_shape[1])
+    model.load_state_dict(torch.load(folder / "teacher.pt", map_location="cpu", weights_only=True))
+    return model
+
+
+def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
+    if not cfg.teacher.checkpoint:
+        return build_model(teacher_arch(cfg, data), data.input_shape[1])
+    path = Path(cfg.teacher.checkpoint)
+    if not path.is_file():
+        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty to train one")
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError:
+        model = build_model(teacher_arch(cfg, data), data.input_shape[1])
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise KdsearchError(
+                f"teacher checkpoint {path} is neither TorchScript nor a state_dict of the [teacher] architecture "
+                f"({str(e).splitlines()[0]}): check teacher.width/depth/convs_per_stage") from None
+    _check_output(model, data, path)
+    return model
+
+
+def _check_output(model: nn.Module, data: Dataset, path: Path) -> None:
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *data.input_shape))
+    except Exception as e:
+        raise KdsearchError(f"teacher checkpoint {path} does not accept images of shape {data.input_shape} "
+                            f"({str(e).splitlines()[0]}): use a teacher made for {data.name}") from None
+    if out.shape != (2, data.num_classes):
+        raise KdsearchError(f"teacher checkpoint {path} gives {tuple(out.shape)[1:]} outputs, the data has "
+                            f"{data.num_classes} classes: use a teacher made for {data.name}")
+
+
+def _file_sha(path: Path) -> str:
+    if not path.is_file():
+        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty to train one")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

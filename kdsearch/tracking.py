@@ -1,0 +1,93 @@
+"""MLflow side of a study: one experiment per study, a run for the study with one nested run per trial,
+and a run for the teacher. Everything goes through `MlflowClient`, so no global active run is involved."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+ROLE = "kdsearch.role"
+
+
+def client_for(tracking_uri: str | None) -> MlflowClient:
+    """A client on `tracking_uri`, or on MLflow's own default (sqlite:///mlflow.db here, artifacts in mlruns/)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient()
+
+
+def experiment_id(client: MlflowClient, study_name: str) -> str:
+    exp = client.get_experiment_by_name(study_name)
+    return exp.experiment_id if exp else client.create_experiment(study_name)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def log_values(client: MlflowClient, run_id: str, params: dict | None = None, metrics: dict | None = None,
+               tags: dict | None = None, step: int = 0) -> None:
+    now = _now_ms()
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+def log_json(client: MlflowClient, run_id: str, name: str, value: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(value, indent=1, default=str))
+        client.log_artifact(run_id, str(path))
+
+
+def teacher_run(client: MlflowClient, exp_id: str, key: str, params: dict, metrics: dict) -> str:
+    """The teacher's run in this experiment, logged once per teacher key and found again afterwards."""
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.`{ROLE}` = 'teacher' and tags.`kdsearch.teacher_key` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"teacher {key}", tags={ROLE: "teacher", "kdsearch.teacher_key": key})
+    log_values(client, run.info.run_id, params=params, metrics=metrics)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def open_study_run(client: MlflowClient, exp_id: str, study_name: str, run_id: str | None) -> str:
+    """Reopen the study's run when it exists (a resumed study), else create it."""
+    if run_id:
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            pass  # the tracking store was wiped; start a new study run
+    run = client.create_run(exp_id, run_name=f"study {study_name}", tags={ROLE: "study", "optuna.study_name": study_name})
+    return run.info.run_id
+
+
+def start_trial_run(client: MlflowClient, exp_id: str, study_run_id: str, study_name: str, number: int,
+                    params: dict) -> str:
+    run = client.create_run(exp_id, run_name=f"trial {number}", tags={
+        "mlflow.parentRunId": study_run_id, ROLE: "trial", "optuna.study_name": study_name,
+        "optuna.trial_number": str(number), "optuna.trial_state": "RUNNING"})
+    log_values(client, run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def end_trial_run(client: MlflowClient, run_id: str, state: str, reason: str = "") -> None:
+    """Close a trial's run with the Optuna state as a tag: COMPLETE -> FINISHED, FAIL -> FAILED, else KILLED."""
+    tags = {"optuna.trial_state": state}
+    if reason:
+        tags["kdsearch.reason"] = reason[:4000]
+    log_values(client, run_id, tags=tags)
+    status = {"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
+    client.set_terminated(run_id, status)
