@@ -39,8 +39,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"kdsearch: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m kdsearch",
         description="Search for the best small student network to distill from a fixed teacher, "
                     "tracked in MLflow and drawn as a Pareto front.")

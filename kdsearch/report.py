@@ -63,10 +63,12 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
 
 
 def _hover(df: pd.DataFrame) -> list[str]:
-    return [f"trial {r.trial}<br>val_acc {r.val_acc:.4f} test_acc {r.test_acc:.4f}<br>params {r.params:,} "
-            f"latency {r.latency_ms:.3f} ms<br>width {r.width:.2f} depth {r.depth} channels {r.channels}<br>"
-            f"T {r.temperature:.2f} alpha {r.alpha:.2f} lr {r.lr:.4f}<br>MLflow run {r.mlflow_run_id}"
-            for r in df.itertuples()]
+    fixed = {"trial", "val_acc", "test_acc", "params", "latency_ms", "flops", "mlflow_run_id", "pareto"}
+    knobs = [c for c in df.columns if c not in fixed]
+    return [f"trial {r['trial']}<br>val_acc {r['val_acc']:.4f} test_acc {r['test_acc']:.4f}<br>"
+            f"params {r['params']:,} latency {r['latency_ms']:.3f} ms<br>"
+            + " ".join(f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in knobs)
+            + f"<br>MLflow run {r['mlflow_run_id']}" for r in df.to_dict("records")]
 
 
 def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str):

@@ -30,10 +30,6 @@ class Teacher:
     key: str
     path: Path  # the cache folder
 
-    @property
-    def trained_now(self) -> bool:
-        return self.metrics.get("trained_now", False)
-
 
 def teacher_key(cfg: StudyConfig) -> str:
     data = asdict(cfg.data)
@@ -61,12 +57,12 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         metrics = json.loads((folder / "meta.json").read_text())
         logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
         return Teacher(model.to(device).eval(), logits, metrics, key, folder)
+    torch.manual_seed(cfg.seed)
     model = _build_or_load(cfg, data).to(device)
     if not cfg.teacher.checkpoint:
         t = cfg.teacher
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
                                  seed=cfg.seed)
-        torch.manual_seed(cfg.seed)
         train(model, data.train.to(device), data.val.to(device), normalize, settings)
     logits = predict_logits(model, data.train.x.to(device), normalize)
     metrics = {
@@ -77,7 +73,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "latency_ms": measure_latency(model, data.input_shape, cfg.latency).median_ms,
     }
     _save(folder, model.cpu(), logits, metrics)
-    return Teacher(model.to(device).eval(), logits, {**metrics, "trained_now": True}, key, folder)
+    return Teacher(model.to(device).eval(), logits, metrics, key, folder)
 
 
 def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -> None:

@@ -1,0 +1,79 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, no traceback, nothing half-made."""
+
+import pytest
+
+from kdsearch import KdsearchError
+from kdsearch.cli import main
+from kdsearch.config import StudyConfig, load_study
+
+GOOD = '''
+name = "tiny"
+[data]
+dataset = "digits"
+[distill]
+temperature = [1.0, 10.0]
+'''
+
+
+def run_cli(capsys, *args):
+    """Exit status and stderr of `run-study ARGS`, whether main returns or argparse exits."""
+    try:
+        code = main(["run-study", *args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name = ", "not valid TOML"),
+    (GOOD + "tempreature = 3\n", "unknown key 'distill.tempreature': did you mean 'distill.temperature'?"),
+    (GOOD.replace("[1.0, 10.0]", "[10.0, 1.0]"), "distill.temperature = [10.0, 1.0]: low is above high; write [1.0, 10.0]"),
+    (GOOD.replace("[1.0, 10.0]", "3"), "distill.temperature = 3: expected a range [low, high]"),
+    (GOOD.replace('"digits"', '"svhn"'), "data.dataset = 'svhn' is unknown: use one of digits, mnist"),
+    (GOOD + "[search]\nsampler = \"cmaes\"\n", "search.sampler = 'cmaes' is unknown: use one of tpe, nsga2, random"),
+    (GOOD + "[search]\nn_trials = \"many\"\n", "search.n_trials = 'many': expected an integer"),
+    (GOOD + "[search]\nn_trials = 0\n", "search.n_trials = 0 must be above 0"),
+    (GOOD + "[distil]\nepochs = 3\n", "unknown key 'distil': did you mean 'distill'?"),
+])
+def test_bad_study_file(workdir, capsys, text, expected):
+    (workdir / "bad.toml").write_text(text)
+    code, err = run_cli(capsys, "bad.toml")
+    assert code == 2
+    assert expected in err and "\n" not in err and err.startswith("kdsearch: error:")
+    assert list(workdir.iterdir()) == [workdir / "bad.toml"]  # no study, no MLflow store, no cache
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["missing.toml"], "study file missing.toml not found"),
+    (["nosuchstudy"], "no study file 'nosuchstudy'"),
+    (["--n-trials", "0"], "argument --n-trials: '0' is not a whole number of at least 1"),
+    (["--timeout", "-5"], "argument --timeout: '-5' is not a number of seconds above 0"),
+    (["--set", "distill.epochs"], "write it as section.key=value"),
+    (["--set", "distill.epochs=-1"], "distill.epochs = -1 must be above 0"),
+])
+def test_bad_command_line(workdir, capsys, args, expected):
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and expected in err and "\n" not in err
+    assert list(workdir.iterdir()) == []
+
+
+def test_overrides_reach_the_config(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(GOOD)
+    cfg = load_study(path, ["distill.epochs=3", "search.sampler=random", "data.data_dir='/x y'"])
+    assert (cfg.distill.epochs, cfg.search.sampler, cfg.data.data_dir) == (3, "random", "/x y")
+    assert cfg.distill.temperature == (1.0, 10.0) and cfg.teacher == StudyConfig().teacher
+
+
+def test_shipped_studies_are_valid():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parent.parent.glob("studies/*.toml"))
+    assert files
+    for path in files:
+        assert load_study(path).name == path.stem
+
+
+def test_errors_are_our_type(tmp_path):
+    with pytest.raises(KdsearchError, match="not found"):
+        load_study(tmp_path / "nope.toml")

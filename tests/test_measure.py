@@ -1,0 +1,58 @@
+"""Parameter and FLOP counts of a small student, worked out by hand.
+
+Student: 1 input channel, 10 classes, width 4, depth 2 (one conv per stage), 8x8 images.
+  conv1 3x3, 1 -> 4, no bias:  1*4*9  =  36    BatchNorm(4): 2*4 =  8
+  conv2 3x3, 4 -> 8, no bias:  4*8*9  = 288    BatchNorm(8): 2*8 = 16
+  linear 8 -> 10:              8*10+10 = 90
+  parameters                              = 438 (BatchNorm's running mean/var are buffers)
+FLOPs for one image (multiply-add = 2):
+  conv1: 4 channels * 8*8 pixels * 9 MACs  = 2,304 MACs
+  conv2: 8 channels * 4*4 pixels * 36 MACs = 4,608 MACs   (after a 2x2 max-pool)
+  linear: 8*10                             =    80 MACs
+  total 6,992 MACs = 13,984 FLOPs
+"""
+
+import pytest
+
+from kdsearch.config import LatencyConfig
+from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
+from kdsearch.models import Architecture, build_model, student_width
+
+ARCH = Architecture(in_channels=1, num_classes=10, width=4, depth=2)
+
+
+def test_param_count_by_hand():
+    assert count_params(build_model(ARCH, 8)) == 438
+
+
+def test_two_convs_per_stage_adds_the_second_conv():
+    arch = Architecture(1, 10, 4, 2, convs_per_stage=2)
+    # + conv 4->4 (144) + BN(4) (8) + conv 8->8 (576) + BN(8) (16)
+    assert count_params(build_model(arch, 8)) == 438 + 144 + 8 + 576 + 16
+
+
+def test_flops_by_hand():
+    assert count_flops(build_model(ARCH, 8), (1, 8, 8)) == 13_984
+
+
+def test_size_in_bytes_counts_buffers_too():
+    # 438 float32 parameters + BN buffers (running mean and var: 2*(4+8) floats, 2 int64 counters)
+    assert size_bytes(build_model(ARCH, 8)) == 438 * 4 + 24 * 4 + 2 * 8
+
+
+def test_student_width_rounds_the_multiplier():
+    assert [student_width(8, m) for m in (0.25, 0.3, 1.0, 1.94, 0.01)] == [2, 2, 8, 16, 1]
+
+
+def test_latency_reports_its_settings():
+    lat = measure_latency(build_model(ARCH, 8), (1, 8, 8), LatencyConfig(min_run_time=0.05))
+    assert lat.median_ms > 0 and lat.iqr_ms >= 0
+    assert (lat.device, lat.threads, lat.batch_size, lat.dtype) == ("cpu", 1, 1, "float32")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_every_depth_reduces_8x8_inputs(depth):
+    import torch
+
+    out = build_model(Architecture(1, 10, 4, depth), 8)(torch.zeros(2, 1, 8, 8))
+    assert out.shape == (2, 10)
