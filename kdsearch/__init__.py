@@ -5,7 +5,12 @@
     python -m kdsearch report --study-name digits
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# A CUDA build of torch on a machine without a GPU warns about CUDA_HOME when torch.utils.benchmark loads.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 class KdsearchError(Exception):

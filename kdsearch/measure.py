@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import asdict, dataclass
 
 import torch
-
-# A CUDA build of torch on a machine without a GPU warns about CUDA_HOME when torch.utils.benchmark loads.
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch import nn
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode

@@ -40,7 +40,8 @@ class ConvNet(nn.Module):
         c_in, size = arch.in_channels, image_size
         for c_out in arch.channels():
             for _ in range(arch.convs_per_stage):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+                layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
             if size > 1:
                 layers.append(nn.MaxPool2d(2))

@@ -6,6 +6,7 @@ Wires the distillation loop's per-epoch callback to MLflow; the test set is meas
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 import warnings
@@ -159,7 +160,8 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str) -> optuna.Study:
 
 
 def _comparable(cfg: StudyConfig) -> dict:
-    d = cfg.to_dict()
+    """The config as the study stores it (JSON: ranges become lists), less what may change on resume."""
+    d = json.loads(json.dumps(cfg.to_dict()))
     for key in RESUMABLE_KEYS:
         d["search"].pop(key)
     d["data"].pop("data_dir")

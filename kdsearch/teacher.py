@@ -105,7 +105,8 @@ def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
         return build_model(teacher_arch(cfg, data), data.input_shape[1])
     path = Path(cfg.teacher.checkpoint)
     if not path.is_file():
-        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty to train one")
+        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty "
+                            "to train one")
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError:
@@ -134,5 +135,6 @@ def _check_output(model: nn.Module, data: Dataset, path: Path) -> None:
 
 def _file_sha(path: Path) -> str:
     if not path.is_file():
-        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty to train one")
+        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty "
+                            "to train one")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

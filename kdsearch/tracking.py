@@ -70,7 +70,8 @@ def open_study_run(client: MlflowClient, exp_id: str, study_name: str, run_id: s
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was wiped; start a new study run
-    run = client.create_run(exp_id, run_name=f"study {study_name}", tags={ROLE: "study", "optuna.study_name": study_name})
+    tags = {ROLE: "study", "optuna.study_name": study_name}
+    run = client.create_run(exp_id, run_name=f"study {study_name}", tags=tags)
     return run.info.run_id
 
 
