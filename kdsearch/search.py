@@ -122,7 +122,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> tuple[float, int, float
         _log_weights(ctx.client, run_id, model, arch)
         tracking.end_trial_run(ctx.client, run_id, "COMPLETE")
     except KeyboardInterrupt:
-        tracking.end_trial_run(ctx.client, run_id, "FAIL", "interrupted (Ctrl-C)")
+        tracking.end_trial_run(ctx.client, run_id, "FAIL", "interrupted (Ctrl-C)", interrupted=True)
         raise
     except Exception as e:
         reason = f"{type(e).__name__}: {e}"

@@ -1,0 +1,81 @@
+"""A failed or interrupted trial leaves the study and the MLflow runs consistent and resumable."""
+
+import optuna
+from mlflow import MlflowClient
+
+import kdsearch.search
+from kdsearch.cli import main
+
+FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
+        "--set", "distill.epochs=1", "--set", "latency.min_run_time=0.02"]
+State = optuna.trial.TrialState
+
+
+def failing_train(fail_on: set[int], exc: BaseException):
+    real = kdsearch.search.train
+    calls = {"n": 0}
+
+    def train(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] in fail_on:
+            raise exc
+        return real(*args, **kwargs)
+    return train
+
+
+def trial_runs(folder):
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    exp = client.get_experiment_by_name("digits")
+    return {r.data.tags["optuna.trial_number"]: r for r in
+            client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'trial'")}
+
+
+def load(folder):
+    return optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db")
+
+
+def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir, monkeypatch):
+    monkeypatch.setattr(kdsearch.search, "train", failing_train({2}, RuntimeError("boom")))
+    assert main(["run-study", "--n-trials", "3", *FAST]) == 0
+    study = load(workdir)
+    assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE]
+    assert study.trials[1].user_attrs["fail_reason"] == "RuntimeError: boom"
+    runs = trial_runs(workdir)
+    assert runs["1"].info.status == "FAILED" and runs["1"].data.tags["optuna.trial_state"] == "FAIL"
+    assert runs["1"].data.tags["kdsearch.reason"] == "RuntimeError: boom"
+    assert runs["0"].info.status == runs["2"].info.status == "FINISHED"
+
+
+def test_the_same_failure_every_time_stops_the_study(workdir, monkeypatch, capsys):
+    monkeypatch.setattr(kdsearch.search, "train", failing_train(set(range(1, 10)), ValueError("bad lr")))
+    assert main(["run-study", "--n-trials", "6", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "the last trials all failed with 'ValueError: bad lr'" in err
+    assert [t.state for t in load(workdir).trials] == [State.FAIL] * 3
+
+
+def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
+    real_train = kdsearch.search.train
+    monkeypatch.setattr(kdsearch.search, "train", failing_train({2}, KeyboardInterrupt()))
+    assert main(["run-study", "--n-trials", "3", *FAST]) == 130
+    assert "Run the same command again to resume" in capsys.readouterr().err
+    assert [t.state for t in load(workdir).trials] == [State.COMPLETE, State.FAIL]
+    runs = trial_runs(workdir)
+    assert runs["1"].info.status == "KILLED" and runs["0"].info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    study_run_id = load(workdir).user_attrs["mlflow_run_id"]
+    assert client.get_run(study_run_id).info.status == "KILLED"
+
+    monkeypatch.setattr(kdsearch.search, "train", real_train)
+    assert main(["run-study", "--n-trials", "2", *FAST]) == 0
+    study = load(workdir)
+    assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE, State.COMPLETE]
+    assert client.get_run(study_run_id).info.status == "FINISHED"
+    assert len(trial_runs(workdir)) == 4
+
+
+def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
+    assert main(["run-study", "--n-trials", "1", *FAST, "--set", "distill.lr=[1e6, 1e6]"]) == 0
+    (trial,) = load(workdir).trials
+    assert trial.state == State.FAIL and "training loss became nan" in trial.user_attrs["fail_reason"]
+
