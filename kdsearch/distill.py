@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdsearch.data import Split
+from kdsearch.engine import autocast
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -60,40 +61,54 @@ class DivergedError(RuntimeError):
 EpochCallback = Callable[[int, float, float], None]  # (epoch, train_loss, val_acc)
 
 
-def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
-          teacher_logits: torch.Tensor | None = None, on_epoch: EpochCallback | None = None) -> float:
-    """Train `model` in place (SGD with Nesterov momentum, cosine decay per step); return the final val_acc."""
-    if settings.alpha > 0 and teacher_logits is None:
-        raise ValueError("alpha > 0 needs the teacher's logits over the training set")
-    n = len(train_set)
-    batch_size = min(settings.batch_size, n)
-    steps_per_epoch = n // batch_size
+def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int):
+    """SGD with Nesterov momentum and a cosine decay of the learning rate per step."""
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
                           weight_decay=settings.weight_decay)
-    total_steps = settings.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
+    return opt, sched
+
+
+def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, settings: TrainSettings,
+                  teacher_logits: torch.Tensor | None, opt, sched, gen: torch.Generator) -> torch.Tensor:
+    """One pass over a fresh permutation of the training set; returns the mean loss as a device tensor."""
+    model.train()
+    n = len(train_set)
+    batch_size = min(settings.batch_size, n)
+    steps = n // batch_size
+    device = train_set.x.device
+    order = torch.randperm(n, generator=gen, device=device)
+    loss_sum = torch.zeros((), device=device)
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        with autocast(device):
+            logits = model(normalize(train_set.x[idx])).float()
+        targets = teacher_logits[idx] if settings.alpha > 0 else None
+        loss = kd_loss(logits, targets, train_set.y[idx], settings.temperature, settings.alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.detach()
+    return loss_sum / steps
+
+
+def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
+          teacher_logits: torch.Tensor | None = None, on_epoch: EpochCallback | None = None) -> float:
+    """Train `model` in place for `settings.epochs` epochs; return the final validation accuracy."""
+    if settings.alpha > 0 and teacher_logits is None:
+        raise ValueError("alpha > 0 needs the teacher's logits over the training set")
+    steps_per_epoch = len(train_set) // min(settings.batch_size, len(train_set))
+    opt, sched = make_optimizer(model, settings, settings.epochs * steps_per_epoch)
     gen = torch.Generator(device=train_set.x.device).manual_seed(settings.seed)
     val_acc = float("nan")
-    for epoch in range(settings.epochs):
-        model.train()
-        order = torch.randperm(n, generator=gen, device=train_set.x.device)
-        loss_sum = torch.zeros((), device=train_set.x.device)
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            logits = model(normalize(train_set.x[idx]))
-            targets = teacher_logits[idx] if settings.alpha > 0 else None
-            loss = kd_loss(logits, targets, train_set.y[idx], settings.temperature, settings.alpha)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach()
-        train_loss = loss_sum.item() / steps_per_epoch  # the one host sync of the epoch
-        if not math.isfinite(train_loss):
-            raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1}")
+    for epoch in range(1, settings.epochs + 1):
+        train_loss = distill_epoch(model, train_set, normalize, settings, teacher_logits, opt, sched, gen).item()
+        if not math.isfinite(train_loss):  # the one host sync of the epoch is above
+            raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
         val_acc = accuracy(model, val_set, normalize)
         if on_epoch is not None:
-            on_epoch(epoch + 1, train_loss, val_acc)
+            on_epoch(epoch, train_loss, val_acc)
     return val_acc
 
 

@@ -48,7 +48,7 @@ class Latency:
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
     """Median time of one forward pass of a batch, with torch.utils.benchmark (warm-up, CUDA sync, fixed threads)."""
     device = torch.device(cfg.device)
-    model = copy.deepcopy(model).to(device).eval()
+    model = copy.deepcopy(model).to(device, memory_format=torch.contiguous_format).eval()
     x = torch.randn(cfg.batch_size, *input_shape, device=device)
     with torch.inference_mode():
         model(x)  # warm-up outside the timed region

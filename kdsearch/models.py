@@ -1,8 +1,9 @@
 """The CNN family used for teachers and students.
 
 `convnet`: `depth` stages of `convs_per_stage` x (3x3 conv without bias, BatchNorm, ReLU), stage i having
-`width * 2**i` channels and ending in a 2x2 max-pool while the image is larger than 1x1; then global average
-pooling and one linear layer.
+`width * 2**i` channels; the last conv of a stage is followed by a 2x2 max-pool (while the image is larger than
+1x1) before its BatchNorm and ReLU, as in airbench: the normalisation then runs on a quarter of the pixels, which
+made a CPU training step 1.4x faster. Then global average pooling and one linear layer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+FAMILY_VERSION = 2  # bump when a change makes old state_dicts (and cached teachers) meaningless
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,13 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         c_in, size = arch.in_channels, image_size
         for c_out in arch.channels():
-            for _ in range(arch.convs_per_stage):
-                conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-                layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            for i in range(arch.convs_per_stage):
+                layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
+                if i == arch.convs_per_stage - 1 and size > 1:
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out
-            if size > 1:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, arch.num_classes)
 

@@ -21,6 +21,7 @@ from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
+from kdsearch.engine import configure_device, prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
 from kdsearch.models import Architecture, build_model, student_width
 from kdsearch.teacher import Teacher, get_teacher
@@ -107,7 +108,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> tuple[float, int, float
         settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
                                  weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
                                  alpha=hp["alpha"], seed=seed)
-        model = model.to(ctx.teacher.train_logits.device)
+        model = prepare_model(model, ctx.teacher.train_logits.device)
 
         def log_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
             tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
@@ -240,6 +241,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
 
     study_name = study_name or cfg.name
     dev = resolve_device(device)
+    configure_device(dev)
     started = time.time()
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"

@@ -18,8 +18,9 @@ from kdsearch import KdsearchError
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, predict_logits, train
+from kdsearch.engine import prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency
-from kdsearch.models import Architecture, build_model
+from kdsearch.models import FAMILY_VERSION, Architecture, build_model
 
 
 @dataclass
@@ -35,7 +36,7 @@ def teacher_key(cfg: StudyConfig) -> str:
     data = asdict(cfg.data)
     data.pop("data_dir")
     data.pop("download")
-    fields = {"data": data, "teacher": asdict(cfg.teacher), "seed": cfg.seed}
+    fields = {"data": data, "teacher": asdict(cfg.teacher), "seed": cfg.seed, "family": FAMILY_VERSION}
     if cfg.teacher.checkpoint:
         fields["checkpoint_sha"] = _file_sha(Path(cfg.teacher.checkpoint))
     text = json.dumps(fields, sort_keys=True)
@@ -56,9 +57,9 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         model = _load_cached(folder, cfg, data)
         metrics = json.loads((folder / "meta.json").read_text())
         logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
-        return Teacher(model.to(device).eval(), logits, metrics, key, folder)
+        return Teacher(prepare_model(model, device).eval(), logits, metrics, key, folder)
     torch.manual_seed(cfg.seed)
-    model = _build_or_load(cfg, data).to(device)
+    model = prepare_model(_build_or_load(cfg, data), device)
     if not cfg.teacher.checkpoint:
         t = cfg.teacher
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
@@ -73,7 +74,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "latency_ms": measure_latency(model, data.input_shape, cfg.latency).median_ms,
     }
     _save(folder, model.cpu(), logits, metrics)
-    return Teacher(model.to(device).eval(), logits, metrics, key, folder)
+    return Teacher(prepare_model(model, device).eval(), logits, metrics, key, folder)
 
 
 def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -> None:

@@ -1,0 +1,58 @@
+"""Device settings for the training loop: threads and allocator on the CPU, cuDNN and bf16 on CUDA,
+channels_last memory layout on both."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters from glibc's malloc.h
+
+
+def configure_cpu(threads: int | None = None) -> int:
+    """Set the thread count explicitly and keep glibc from returning activation buffers to the OS after every
+    batch (each return and re-fault showed as a third of the epoch in system time)."""
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    return threads
+
+
+def configure_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        configure_cpu()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def uses_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
+def autocast(device: torch.device):
+    """bf16 autocast for the training step on CUDA and on CPUs with native bf16 (1.4x faster epochs here)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
