@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 SAMPLERS = ("tpe", "nsga2", "random")
+AUGMENTATIONS = ("none", "crop", "crop-flip")
 ARCHITECTURES = ("convnet",)
 
 
@@ -41,6 +42,7 @@ class DataConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2  # only for datasets without an official test split (digits, imagefolder)
     image_size: int = 32  # imagefolder only: images are resized to this square
+    augment: str = "none"  # batched on the device: random crop with 4-pixel padding, and horizontal flip
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,12 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    threads: int = 0  # CPU threads for training; 0: every core this process may use
+    compile: bool = False  # torch.compile the student (made CPU epochs slower here, and costs ~30 s a trial)
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str = "digits"
     seed: int = 0
@@ -100,6 +108,7 @@ class StudyConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,6 +195,7 @@ def check_values(c: StudyConfig, where: str) -> None:
     choices = [
         ("data.dataset", c.data.dataset, DATASETS),
         ("search.sampler", c.search.sampler, SAMPLERS),
+        ("data.augment", c.data.augment, AUGMENTATIONS),
         ("teacher.arch", c.teacher.arch, ARCHITECTURES),
         ("student.arch", c.student.arch, ARCHITECTURES),
     ]
@@ -208,7 +218,7 @@ def check_values(c: StudyConfig, where: str) -> None:
             raise KdsearchError(f"{where}: {key} = {value} must be above 0")
     for key, value in {"teacher.epochs": c.teacher.epochs, "search.timeout": c.search.timeout,
                        "teacher.weight_decay": c.teacher.weight_decay,
-                       "distill.weight_decay": c.distill.weight_decay}.items():
+                       "distill.weight_decay": c.distill.weight_decay, "engine.threads": c.engine.threads}.items():
         if value < 0:
             raise KdsearchError(f"{where}: {key} = {value} must not be negative")
     if not (0 <= c.distill.alpha[0] and c.distill.alpha[1] <= 1):

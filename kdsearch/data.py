@@ -116,3 +116,22 @@ def _image_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=0)
     xs, ys = zip(*loader)
     return torch.cat(xs), torch.cat(ys).long()
+
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding of `pad` pixels) and, for 'crop-flip', random horizontal flip, for a whole
+    batch at once on its device: one gather, no per-image Python."""
+    if kind == "none":
+        return x
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b, 1), generator=gen, device=x.device))
+    rows = (dy + torch.arange(h, device=x.device))[:, :, None]  # [B, H, 1]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, :]  # [B, 1, W]
+    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # [B, H, W, C]
+    out = out.permute(0, 3, 1, 2)
+    if kind == "crop-flip":
+        flip = torch.rand(b, generator=gen, device=x.device) < 0.5
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out

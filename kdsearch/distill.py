@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsearch.data import Split
-from kdsearch.engine import autocast
+from kdsearch.data import Split, augment_batch
+from kdsearch.engine import autocast, no_timer
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -52,6 +52,7 @@ class TrainSettings:
     temperature: float = 1.0
     alpha: float = 0.0  # 0: plain cross-entropy, the teacher's logits are not needed
     seed: int = 0
+    augment: str = "none"  # see data.AUGMENTATIONS
 
 
 class DivergedError(RuntimeError):
@@ -69,9 +70,16 @@ def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int):
     return opt, sched
 
 
+Teacher = torch.Tensor | nn.Module | None  # cached logits over the training set, or the model run per batch
+
+
 def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, settings: TrainSettings,
-                  teacher_logits: torch.Tensor | None, opt, sched, gen: torch.Generator) -> torch.Tensor:
-    """One pass over a fresh permutation of the training set; returns the mean loss as a device tensor."""
+                  teacher: Teacher, opt, sched, gen: torch.Generator) -> torch.Tensor:
+    """One pass over a fresh permutation of the training set; returns the mean loss as a device tensor.
+
+    With cached logits the teacher costs one index per batch; with augmentation the images differ every epoch,
+    so the teacher model runs on each augmented batch instead.
+    """
     model.train()
     n = len(train_set)
     batch_size = min(settings.batch_size, n)
@@ -81,9 +89,10 @@ def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, set
     loss_sum = torch.zeros((), device=device)
     for step in range(steps):
         idx = order[step * batch_size:(step + 1) * batch_size]
+        inputs = normalize(augment_batch(train_set.x[idx], settings.augment, gen))
         with autocast(device):
-            logits = model(normalize(train_set.x[idx])).float()
-        targets = teacher_logits[idx] if settings.alpha > 0 else None
+            logits = model(inputs).float()
+            targets = _teacher_logits(teacher, idx, inputs) if settings.alpha > 0 else None
         loss = kd_loss(logits, targets, train_set.y[idx], settings.temperature, settings.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -93,20 +102,31 @@ def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, set
     return loss_sum / steps
 
 
+def _teacher_logits(teacher: Teacher, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    if isinstance(teacher, torch.Tensor):
+        return teacher[idx]
+    with torch.inference_mode():
+        out = teacher(inputs).float()
+    return out.clone()  # a normal tensor again, so autograd may keep it for the backward pass
+
+
 def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
-          teacher_logits: torch.Tensor | None = None, on_epoch: EpochCallback | None = None) -> float:
+          teacher: Teacher = None, on_epoch: EpochCallback | None = None, timer=no_timer) -> float:
     """Train `model` in place for `settings.epochs` epochs; return the final validation accuracy."""
-    if settings.alpha > 0 and teacher_logits is None:
-        raise ValueError("alpha > 0 needs the teacher's logits over the training set")
+    if settings.alpha > 0 and teacher is None:
+        raise ValueError("alpha > 0 needs the teacher (its cached logits or the model)")
+    if settings.augment != "none" and isinstance(teacher, torch.Tensor):
+        raise ValueError("cached teacher logits do not match augmented images: pass the teacher model")
     steps_per_epoch = len(train_set) // min(settings.batch_size, len(train_set))
     opt, sched = make_optimizer(model, settings, settings.epochs * steps_per_epoch)
     gen = torch.Generator(device=train_set.x.device).manual_seed(settings.seed)
     val_acc = float("nan")
     for epoch in range(1, settings.epochs + 1):
-        train_loss = distill_epoch(model, train_set, normalize, settings, teacher_logits, opt, sched, gen).item()
+        train_loss = distill_epoch(model, train_set, normalize, settings, teacher, opt, sched, gen).item()
         if not math.isfinite(train_loss):  # the one host sync of the epoch is above
             raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
-        val_acc = accuracy(model, val_set, normalize)
+        with timer("evaluate"):
+            val_acc = accuracy(model, val_set, normalize)
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_acc)
     return val_acc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import time
 
 import torch
 from torch import nn
@@ -25,13 +26,13 @@ def configure_cpu(threads: int | None = None) -> int:
     return threads
 
 
-def configure_device(device: torch.device) -> None:
+def configure_device(device: torch.device, threads: int = 0) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        configure_cpu()
+        configure_cpu(threads or None)
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -56,3 +57,31 @@ def autocast(device: torch.device):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase (`with timer("train"): ...`); a phase nested in another is taken out of it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        sync(self.device)
+        frame = [name, time.perf_counter(), 0.0]  # name, start, seconds of nested phases
+        self._stack.append(frame)
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self._stack.pop()
+            total = time.perf_counter() - frame[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + total - frame[2]
+            if self._stack:
+                self._stack[-1][2] += total
+
+
+def no_timer(name: str):
+    return contextlib.nullcontext()

@@ -21,8 +21,8 @@ from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
-from kdsearch.engine import configure_device, prepare_model
-from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
+from kdsearch.engine import PhaseTimer, configure_device, prepare_model
+from kdsearch.measure import Latency, count_flops, count_params, measure_latency, size_bytes
 from kdsearch.models import Architecture, build_model, student_width
 from kdsearch.teacher import Teacher, get_teacher
 
@@ -88,39 +88,34 @@ def trial_seed(study_seed: int, number: int) -> int:
 
 def objective(ctx: StudyContext, trial: optuna.Trial) -> tuple[float, int, float]:
     cfg, data = ctx.cfg, ctx.data
+    timer = PhaseTimer(data.train.x.device)
     hp = sample_student(trial, cfg)
     seed = trial_seed(cfg.seed, trial.number)
     torch.manual_seed(seed)
     arch = student_arch(cfg, data, hp["width"], hp["depth"])
     model = build_model(arch, data.input_shape[1])
-    cost = {"params": count_params(model), "flops": count_flops(model, data.input_shape),
-            "size_bytes": size_bytes(model)}
-    latency = measure_latency(model, data.input_shape, cfg.latency)
-    cost["latency_ms"], cost["latency_iqr_ms"] = latency.median_ms, latency.iqr_ms
-
-    run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
-                  "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
-                  **{f"latency_{k}": v for k, v in latency.to_dict().items() if k not in ("median_ms", "iqr_ms")}}
-    run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
-                                      trial.number, run_params)
-    trial.set_user_attr("mlflow_run_id", run_id)
+    with timer("measure"):
+        cost, latency = measure_cost(model, data.input_shape, cfg)
+    with timer("tracking"):
+        run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
+                      "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
+                      **{f"latency_{k}": v for k, v in latency.to_dict().items() if not k.endswith("_ms")}}
+        run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
+                                          trial.number, run_params)
+        trial.set_user_attr("mlflow_run_id", run_id)
     try:
-        settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
-                                 weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
-                                 alpha=hp["alpha"], seed=seed)
-        model = prepare_model(model, ctx.teacher.train_logits.device)
-
-        def log_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
-            tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
-
-        val_acc = train(model, data.train, data.val, ctx.normalize, settings, ctx.teacher.train_logits, log_epoch)
-        test_acc = accuracy(model, data.test, ctx.normalize)
-        final = {"val_acc": val_acc, "test_acc": test_acc, **cost}
-        for key in ("test_acc", "flops", "size_bytes", "latency_iqr_ms"):
-            trial.set_user_attr(key, final[key])
-        trial.set_user_attr("channels", arch.channels())
-        tracking.log_values(ctx.client, run_id, metrics=final, step=cfg.distill.epochs)
-        _log_weights(ctx.client, run_id, model, arch)
+        with timer("train"):
+            cost["val_acc"] = distill_student(ctx, model, hp, seed, run_id, timer)
+        with timer("evaluate"):
+            cost["test_acc"] = accuracy(model, data.test, ctx.normalize)
+        with timer("tracking"):
+            for key in ("test_acc", "flops", "size_bytes", "latency_iqr_ms"):
+                trial.set_user_attr(key, cost[key])
+            trial.set_user_attr("channels", arch.channels())
+            tracking.log_values(ctx.client, run_id, metrics=cost, step=cfg.distill.epochs)
+            _log_weights(ctx.client, run_id, model, arch)
+        trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
+        tracking.log_values(ctx.client, run_id, metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
         tracking.end_trial_run(ctx.client, run_id, "COMPLETE")
     except KeyboardInterrupt:
         tracking.end_trial_run(ctx.client, run_id, "FAIL", "interrupted (Ctrl-C)", interrupted=True)
@@ -130,7 +125,33 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> tuple[float, int, float
         trial.set_user_attr("fail_reason", reason)
         tracking.end_trial_run(ctx.client, run_id, "FAIL", reason)
         raise
-    return val_acc, cost["params"], cost["latency_ms"]
+    return cost["val_acc"], cost["params"], cost["latency_ms"]
+
+
+def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig) -> tuple[dict, Latency]:
+    """What the architecture costs, known before any training."""
+    latency = measure_latency(model, input_shape, cfg.latency)
+    cost = {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
+            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
+    return cost, latency
+
+
+def distill_student(ctx: StudyContext, model: torch.nn.Module, hp: dict, seed: int, run_id: str,
+                    timer: PhaseTimer) -> float:
+    """Train the student in place against the teacher, logging each epoch to the trial's run; return val_acc."""
+    cfg = ctx.cfg
+    settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
+                             weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
+                             alpha=hp["alpha"], seed=seed, augment=cfg.data.augment)
+    prepare_model(model, ctx.data.train.x.device)
+    trainable = torch.compile(model) if cfg.engine.compile else model
+
+    def log_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
+        with timer("tracking"):
+            tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
+
+    teacher = ctx.teacher.targets(cfg.data.augment)
+    return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
 
 
 def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture) -> None:
@@ -241,7 +262,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
 
     study_name = study_name or cfg.name
     dev = resolve_device(device)
-    configure_device(dev)
+    configure_device(dev, cfg.engine.threads)
     started = time.time()
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"

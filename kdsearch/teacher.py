@@ -31,6 +31,10 @@ class Teacher:
     key: str
     path: Path  # the cache folder
 
+    def targets(self, augment: str) -> torch.Tensor | nn.Module:
+        """What the distillation loop needs: the cached logits, or the model itself when images are augmented."""
+        return self.train_logits if augment == "none" else self.model
+
 
 def teacher_key(cfg: StudyConfig) -> str:
     data = asdict(cfg.data)
@@ -63,7 +67,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
     if not cfg.teacher.checkpoint:
         t = cfg.teacher
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, augment=cfg.data.augment)
         train(model, data.train.to(device), data.val.to(device), normalize, settings)
     logits = predict_logits(model, data.train.x.to(device), normalize)
     metrics = {
