@@ -1,0 +1,106 @@
+"""The training engine: batched augmentation, the per-batch teacher, reproducible trials, data errors."""
+
+import pytest
+import torch
+
+from kdsearch import KdsearchError
+from kdsearch.config import DataConfig
+from kdsearch.data import augment_batch, load_dataset
+from kdsearch.distill import Normalizer, TrainSettings, predict_logits, train
+from kdsearch.engine import PhaseTimer
+from kdsearch.models import Architecture, build_model
+
+
+def test_crop_shifts_each_image_within_the_padding():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.uint8).reshape(2, 1, 6, 6) + 1  # no zeros inside
+    out = augment_batch(x, "crop", torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    for img, src in zip(out, x):
+        # every non-zero pixel comes from the same image, and the crop is a shifted window of the padded image
+        assert set(img[img > 0].tolist()) <= set(src.flatten().tolist())
+        padded = torch.nn.functional.pad(src, (2, 2, 2, 2))
+        windows = [padded[:, i:i + 6, j:j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(img, w) for w in windows)
+
+
+def test_flip_is_a_mirror_image_or_the_image():
+    x = torch.randint(1, 255, (64, 3, 8, 8), dtype=torch.uint8)
+    out = augment_batch(x, "crop-flip", torch.Generator().manual_seed(1), pad=0)
+    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, x)]
+    same = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(f or s for f, s in zip(flipped, same)) and 10 < sum(flipped) < 54
+
+
+def test_none_returns_the_batch_untouched():
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    assert augment_batch(x, "none", torch.Generator()) is x
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(), seed=0)
+
+
+def _train(data, seed, teacher=None, augment="none", alpha=0.0):
+    torch.manual_seed(seed)
+    model = build_model(Architecture(1, 10, 4, 2), 8)
+    settings = TrainSettings(epochs=1, lr=0.05, batch_size=64, seed=seed, augment=augment, alpha=alpha,
+                             temperature=2.0)
+    val_acc = train(model, data.train, data.val, Normalizer(data.mean, data.std, "cpu"), settings, teacher)
+    return model, val_acc
+
+
+def test_same_seed_gives_the_same_weights(digits):
+    (a, acc_a), (b, acc_b), (c, _) = _train(digits, 5), _train(digits, 5), _train(digits, 6)
+    assert acc_a == acc_b
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_augmented_training_runs_the_teacher_per_batch(digits):
+    teacher = build_model(Architecture(1, 10, 4, 1), 8).eval()
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    _train(digits, 0, teacher=teacher, augment="crop", alpha=0.5)
+    assert len(calls) == len(digits.train) // 64  # one teacher pass per batch, none for evaluation
+
+
+def test_cached_logits_with_augmentation_are_refused(digits):
+    logits = torch.zeros(len(digits.train), 10)
+    with pytest.raises(ValueError, match="augmented"):
+        _train(digits, 0, teacher=logits, augment="crop", alpha=0.5)
+
+
+def test_predict_logits_matches_one_big_forward():
+    model = build_model(Architecture(1, 10, 4, 2), 8).eval()
+    x = torch.randint(0, 255, (300, 1, 8, 8), dtype=torch.uint8)
+    norm = Normalizer((0.5,), (0.25,), "cpu")
+    with torch.no_grad():
+        expected = model((x.float() / 255 - 0.5) / 0.25)
+    torch.testing.assert_close(predict_logits(model, x, norm, batch_size=128), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_missing_torchvision_dataset_names_the_expected_files(tmp_path):
+    with pytest.raises(KdsearchError, match=r"expected .*MNIST/raw/train-images-idx3-ubyte.*--data-dir"):
+        load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)), seed=0)
+
+
+def test_image_folder_loads_resized_uint8(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.new("RGB", (20 + i, 12), color=(i * 40, 10, 200)).save(tmp_path / cls / f"{i}.png")
+    data = load_dataset(DataConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=16), seed=0)
+    assert data.input_shape == (3, 16, 16) and data.num_classes == 2
+    assert len(data.train) + len(data.val) + len(data.test) == 10 and data.train.x.dtype == torch.uint8
+
+
+def test_phase_timer_takes_nested_phases_out():
+    timer = PhaseTimer(torch.device("cpu"))
+    with timer("outer"):
+        with timer("inner"):
+            sum(range(10000))
+    assert set(timer.seconds) == {"outer", "inner"} and min(timer.seconds.values()) >= 0
+
