@@ -21,7 +21,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "gp")
+MODES = ("pareto", "budget")
+PRUNERS = ("auto", "none", "dominated", "median", "hyperband")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 ARCHITECTURES = ("convnet",)
 
@@ -82,6 +84,12 @@ class SearchConfig:
     n_trials: int = 20
     timeout: float = 0.0  # seconds; 0 means no limit
     sampler: str = "tpe"
+    mode: str = "pareto"  # pareto: (val_acc, params, latency_ms); budget: val_acc under the limits below
+    max_params: int = 0  # 0: no limit; a student above it is rejected before training
+    max_latency_ms: float = 0.0  # 0: no limit
+    pruner: str = "auto"  # auto: dominated in pareto mode, median in budget mode
+    prune_margin: float = 0.02  # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
+    baselines: bool = True  # enqueue a reference student without distillation (alpha = 0) and its distilled twin
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,8 @@ def check_values(c: StudyConfig, where: str) -> None:
         ("data.dataset", c.data.dataset, DATASETS),
         ("search.sampler", c.search.sampler, SAMPLERS),
         ("data.augment", c.data.augment, AUGMENTATIONS),
+        ("search.mode", c.search.mode, MODES),
+        ("search.pruner", c.search.pruner, PRUNERS),
         ("teacher.arch", c.teacher.arch, ARCHITECTURES),
         ("student.arch", c.student.arch, ARCHITECTURES),
     ]
@@ -218,7 +228,9 @@ def check_values(c: StudyConfig, where: str) -> None:
             raise KdsearchError(f"{where}: {key} = {value} must be above 0")
     for key, value in {"teacher.epochs": c.teacher.epochs, "search.timeout": c.search.timeout,
                        "teacher.weight_decay": c.teacher.weight_decay,
-                       "distill.weight_decay": c.distill.weight_decay, "engine.threads": c.engine.threads}.items():
+                       "distill.weight_decay": c.distill.weight_decay, "engine.threads": c.engine.threads,
+                       "search.max_params": c.search.max_params, "search.max_latency_ms": c.search.max_latency_ms,
+                       "search.prune_margin": c.search.prune_margin}.items():
         if value < 0:
             raise KdsearchError(f"{where}: {key} = {value} must not be negative")
     if not (0 <= c.distill.alpha[0] and c.distill.alpha[1] <= 1):
@@ -226,5 +238,11 @@ def check_values(c: StudyConfig, where: str) -> None:
     for key, value in {"data.val_fraction": c.data.val_fraction, "data.test_fraction": c.data.test_fraction}.items():
         if not 0 < value < 0.5:
             raise KdsearchError(f"{where}: {key} = {value} must lie between 0 and 0.5")
+    if c.search.pruner in ("median", "hyperband") and c.search.mode == "pareto":
+        raise KdsearchError(f"{where}: search.pruner = {c.search.pruner!r} needs one objective: use "
+                            "search.mode = 'budget', or pruner 'dominated' for the Pareto mode")
+    if c.search.pruner == "dominated" and c.search.mode == "budget":
+        raise KdsearchError(f"{where}: search.pruner = 'dominated' is for the Pareto mode: use 'median' or "
+                            "'hyperband' in budget mode")
     if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
         raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")

@@ -20,9 +20,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     front = {t.number for t in study.best_trials}
     rows = []
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
-        acc, params, latency = t.values
-        rows.append({"trial": t.number, "val_acc": acc, "test_acc": t.user_attrs.get("test_acc"),
-                     "params": int(params), "latency_ms": latency, "flops": t.user_attrs.get("flops"),
+        a = t.user_attrs
+        rows.append({"trial": t.number, "val_acc": t.values[0], "test_acc": a.get("test_acc"),
+                     "params": int(a["params"]), "latency_ms": a["latency_ms"], "flops": a.get("flops"),
                      **t.params, "channels": t.user_attrs.get("channels"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "pareto": t.number in front})
     return pd.DataFrame(rows)

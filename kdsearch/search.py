@@ -1,16 +1,16 @@
-"""The Optuna study: sample a student, distill it, measure it, return (val_acc, params, latency_ms).
+"""The Optuna study: open or resume it, wire it to MLflow, run its trials (see `trial.py`), report the front.
 
-Wires the distillation loop's per-epoch callback to MLflow; the test set is measured and logged, never returned.
+Pareto mode maximises val_acc and minimises params and latency_ms; budget mode maximises val_acc under the study
+file's limits, which reach the sampler through Optuna's `constraints_func`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
+import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -20,29 +20,15 @@ from mlflow import MlflowClient
 from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
-from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
-from kdsearch.engine import PhaseTimer, configure_device, prepare_model
-from kdsearch.measure import Latency, count_flops, count_params, measure_latency, size_bytes
-from kdsearch.models import Architecture, build_model, student_width
+from kdsearch.distill import Normalizer
+from kdsearch.engine import configure_device
+from kdsearch.pruning import constraints_func, limit_violations, study_pruner
 from kdsearch.teacher import Teacher, get_teacher
+from kdsearch.trial import StudyContext, objective
 
-DIRECTIONS = ["maximize", "minimize", "minimize"]
-OBJECTIVES = ["val_acc", "params", "latency_ms"]
+DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
 # Settings that may change when a study is resumed; anything else must match the study's first session.
 RESUMABLE_KEYS = ("n_trials", "timeout")
-
-
-@dataclass
-class StudyContext:
-    """Everything a trial needs, built once per process."""
-
-    cfg: StudyConfig
-    data: Dataset  # on the training device
-    teacher: Teacher
-    normalize: Normalizer
-    client: MlflowClient
-    experiment_id: str
-    study_run_id: str
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -56,119 +42,32 @@ def resolve_device(name: str | None) -> torch.device:
         raise KdsearchError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """The study file's sampler; the limits, when there are any, reach it as constraints."""
+    limits = {"constraints_func": constraints_func} if limit_violations({"params": 0, "latency_ms": 0},
+                                                                          cfg.search) else {}
+    name = cfg.search.sampler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, **limits)
         if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed)
+            return optuna.samplers.NSGAIISampler(seed=seed, **limits)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **limits)
         return optuna.samplers.RandomSampler(seed=seed)
-
-
-def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> dict:
-    s, d = cfg.student, cfg.distill
-    return {
-        "width": trial.suggest_float("width", *s.width, log=True),
-        "depth": trial.suggest_int("depth", *s.depth),
-        "temperature": trial.suggest_float("temperature", *d.temperature, log=True),
-        "alpha": trial.suggest_float("alpha", *d.alpha),
-        "lr": trial.suggest_float("lr", *d.lr, log=True),
-    }
-
-
-def student_arch(cfg: StudyConfig, data: Dataset, width: float, depth: int) -> Architecture:
-    return Architecture(data.input_shape[0], data.num_classes, student_width(cfg.student.base_width, width), depth,
-                        cfg.student.convs_per_stage)
-
-
-def trial_seed(study_seed: int, number: int) -> int:
-    return study_seed * 1_000_003 + number
-
-
-def objective(ctx: StudyContext, trial: optuna.Trial) -> tuple[float, int, float]:
-    cfg, data = ctx.cfg, ctx.data
-    timer = PhaseTimer(data.train.x.device)
-    hp = sample_student(trial, cfg)
-    seed = trial_seed(cfg.seed, trial.number)
-    torch.manual_seed(seed)
-    arch = student_arch(cfg, data, hp["width"], hp["depth"])
-    model = build_model(arch, data.input_shape[1])
-    with timer("measure"):
-        cost, latency = measure_cost(model, data.input_shape, cfg)
-    with timer("tracking"):
-        run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
-                      "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
-                      **{f"latency_{k}": v for k, v in latency.to_dict().items() if not k.endswith("_ms")}}
-        run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
-                                          trial.number, run_params)
-        trial.set_user_attr("mlflow_run_id", run_id)
-    try:
-        with timer("train"):
-            cost["val_acc"] = distill_student(ctx, model, hp, seed, run_id, timer)
-        with timer("evaluate"):
-            cost["test_acc"] = accuracy(model, data.test, ctx.normalize)
-        with timer("tracking"):
-            for key in ("test_acc", "flops", "size_bytes", "latency_iqr_ms"):
-                trial.set_user_attr(key, cost[key])
-            trial.set_user_attr("channels", arch.channels())
-            tracking.log_values(ctx.client, run_id, metrics=cost, step=cfg.distill.epochs)
-            _log_weights(ctx.client, run_id, model, arch)
-        trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
-        tracking.log_values(ctx.client, run_id, metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
-        tracking.end_trial_run(ctx.client, run_id, "COMPLETE")
-    except KeyboardInterrupt:
-        tracking.end_trial_run(ctx.client, run_id, "FAIL", "interrupted (Ctrl-C)", interrupted=True)
-        raise
-    except Exception as e:
-        reason = f"{type(e).__name__}: {e}"
-        trial.set_user_attr("fail_reason", reason)
-        tracking.end_trial_run(ctx.client, run_id, "FAIL", reason)
-        raise
-    return cost["val_acc"], cost["params"], cost["latency_ms"]
-
-
-def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig) -> tuple[dict, Latency]:
-    """What the architecture costs, known before any training."""
-    latency = measure_latency(model, input_shape, cfg.latency)
-    cost = {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
-            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
-    return cost, latency
-
-
-def distill_student(ctx: StudyContext, model: torch.nn.Module, hp: dict, seed: int, run_id: str,
-                    timer: PhaseTimer) -> float:
-    """Train the student in place against the teacher, logging each epoch to the trial's run; return val_acc."""
-    cfg = ctx.cfg
-    settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
-                             weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
-                             alpha=hp["alpha"], seed=seed, augment=cfg.data.augment)
-    prepare_model(model, ctx.data.train.x.device)
-    trainable = torch.compile(model) if cfg.engine.compile else model
-
-    def log_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
-        with timer("tracking"):
-            tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
-
-    teacher = ctx.teacher.targets(cfg.data.augment)
-    return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
-
-
-def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"arch": arch.to_dict(), "state_dict": model.state_dict()}, Path(tmp) / "student.pt")
-        client.log_artifact(run_id, str(Path(tmp) / "student.pt"))
 
 
 def open_study(cfg: StudyConfig, study_name: str, storage: str) -> optuna.Study:
     """Create the study, or load it when it exists and was made from the same study file."""
+    directions = DIRECTIONS[cfg.search.mode]
     try:
-        study = optuna.create_study(study_name=study_name, storage=storage, directions=DIRECTIONS,
-                                    load_if_exists=True)
+        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
+                                    pruner=study_pruner(cfg.search, cfg.distill.epochs), load_if_exists=True)
     except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as e:
         raise KdsearchError(f"cannot open Optuna storage {storage!r} ({str(e).splitlines()[0]}): pass a valid "
                             "--storage URL such as sqlite:///optuna.db") from None
-    if [d.name.lower() for d in study.directions] != DIRECTIONS:
+    if [d.name.lower() for d in study.directions] != directions:
         raise KdsearchError(f"study '{study_name}' exists with other objectives: pass a new --study-name")
     wanted = _comparable(cfg)
     stored = study.user_attrs.get("config")
@@ -177,8 +76,26 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str) -> optuna.Study:
     elif stored != wanted:
         raise KdsearchError(f"study '{study_name}' exists with a different study file: pass a new --study-name, "
                             "or resume with the file it was started with")
-    study.sampler = make_sampler(cfg.search.sampler, cfg.seed + len(study.trials))  # no repeats on resume
+    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))  # no repeats on resume
+    if cfg.search.baselines and not study.trials:
+        enqueue_baselines(study, cfg)
     return study
+
+
+def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Two reference trials first: a mid-sized student trained without distillation (alpha = 0), and the same
+    student, learning rate and seed distilled with alpha = 0.5 at T = 4; the report shows the difference."""
+    s, d = cfg.student, cfg.distill
+
+    def clamp(v, bounds):
+        return min(max(v, bounds[0]), bounds[1])
+
+    common = {"width": clamp(1.0, s.width), "depth": clamp(round(sum(s.depth) / 2), s.depth),
+              "temperature": clamp(4.0, d.temperature), "lr": math.sqrt(d.lr[0] * d.lr[1])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # alpha may lie outside the study's range; Optuna warns, then uses it
+        study.enqueue_trial({**common, "alpha": 0.0}, user_attrs={"baseline": "no-kd"})
+        study.enqueue_trial({**common, "alpha": 0.5}, user_attrs={"baseline": "kd"})
 
 
 def _comparable(cfg: StudyConfig) -> dict:
@@ -199,7 +116,8 @@ def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path) -> tuple[Da
 
 
 def teacher_figures(teacher: Teacher) -> dict:
-    return {k: teacher.metrics[k] for k in ("val_acc", "test_acc", "params", "flops", "latency_ms")}
+    figures = {k: teacher.metrics[k] for k in ("val_acc", "test_acc", "params", "flops", "latency_ms")}
+    return {**figures, "seconds": teacher.metrics.get("seconds", 0.0)}
 
 
 def start_tracking(cfg: StudyConfig, study: optuna.Study, teacher: Teacher, tracking_uri: str | None
@@ -226,12 +144,14 @@ def print_progress(total: int, started: float):
         head = (f"trial {trial.number:3d} [{callback.done + 1}/{total}] width {p.get('width', 0):.2f} "
                 f"depth {p.get('depth', 0)} T {p.get('temperature', 0):5.2f} alpha {p.get('alpha', 0):.2f} "
                 f"lr {p.get('lr', 0):.3f}")
+        a = trial.user_attrs
+        cost = f"params {a['params']:,} latency {a['latency_ms']:.3f} ms" if "params" in a else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            acc, params, latency = trial.values
-            tail = (f"val_acc {acc:.4f} test_acc {trial.user_attrs['test_acc']:.4f} params {int(params):,} "
-                    f"latency {latency:.3f} ms")
+            tail = f"val_acc {trial.values[0]:.4f} test_acc {a['test_acc']:.4f} {cost}"
         else:
-            tail = f"{trial.state.name}: {trial.user_attrs.get('fail_reason', '')}"
+            tail = f"{trial.state.name} ({cost}): {a.get('prune_reason') or a.get('fail_reason', '')}"
+        if "baseline" in a:
+            tail += f" [baseline {a['baseline']}]"
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         print(f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)", flush=True)
         callback.done += 1

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         metrics = json.loads((folder / "meta.json").read_text())
         logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
         return Teacher(prepare_model(model, device).eval(), logits, metrics, key, folder)
+    started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = prepare_model(_build_or_load(cfg, data), device)
     if not cfg.teacher.checkpoint:
@@ -76,6 +78,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "params": count_params(model),
         "flops": count_flops(model.cpu(), data.input_shape),
         "latency_ms": measure_latency(model, data.input_shape, cfg.latency).median_ms,
+        "seconds": time.perf_counter() - started,  # training, logit cache and measurement, paid once
     }
     _save(folder, model.cpu(), logits, metrics)
     return Teacher(prepare_model(model, device).eval(), logits, metrics, key, folder)

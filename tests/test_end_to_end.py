@@ -9,7 +9,7 @@ import kdsearch.teacher
 from kdsearch.cli import main
 
 FAST = ["--set", "teacher.epochs=2", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=2", "--set", "latency.min_run_time=0.02"]
+        "--set", "distill.epochs=2", "--set", "latency.min_run_time=0.02", "--set", "search.pruner=none"]
 TRIAL_METRICS = {"val_acc", "test_acc", "params", "flops", "latency_ms", "train_loss"}
 
 

@@ -3,16 +3,16 @@
 import optuna
 from mlflow import MlflowClient
 
-import kdsearch.search
+import kdsearch.trial
 from kdsearch.cli import main
 
 FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=1", "--set", "latency.min_run_time=0.02"]
+        "--set", "distill.epochs=1", "--set", "latency.min_run_time=0.02", "--set", "search.pruner=none"]
 State = optuna.trial.TrialState
 
 
 def failing_train(fail_on: set[int], exc: BaseException):
-    real = kdsearch.search.train
+    real = kdsearch.trial.train
     calls = {"n": 0}
 
     def train(*args, **kwargs):
@@ -35,7 +35,7 @@ def load(folder):
 
 
 def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir, monkeypatch):
-    monkeypatch.setattr(kdsearch.search, "train", failing_train({2}, RuntimeError("boom")))
+    monkeypatch.setattr(kdsearch.trial, "train", failing_train({2}, RuntimeError("boom")))
     assert main(["run-study", "--n-trials", "3", *FAST]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE]
@@ -47,7 +47,7 @@ def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir
 
 
 def test_the_same_failure_every_time_stops_the_study(workdir, monkeypatch, capsys):
-    monkeypatch.setattr(kdsearch.search, "train", failing_train(set(range(1, 10)), ValueError("bad lr")))
+    monkeypatch.setattr(kdsearch.trial, "train", failing_train(set(range(1, 10)), ValueError("bad lr")))
     assert main(["run-study", "--n-trials", "6", *FAST]) == 2
     err = capsys.readouterr().err
     assert "the last trials all failed with 'ValueError: bad lr'" in err
@@ -55,8 +55,8 @@ def test_the_same_failure_every_time_stops_the_study(workdir, monkeypatch, capsy
 
 
 def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
-    real_train = kdsearch.search.train
-    monkeypatch.setattr(kdsearch.search, "train", failing_train({2}, KeyboardInterrupt()))
+    real_train = kdsearch.trial.train
+    monkeypatch.setattr(kdsearch.trial, "train", failing_train({2}, KeyboardInterrupt()))
     assert main(["run-study", "--n-trials", "3", *FAST]) == 130
     assert "Run the same command again to resume" in capsys.readouterr().err
     assert [t.state for t in load(workdir).trials] == [State.COMPLETE, State.FAIL]
@@ -66,7 +66,7 @@ def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
     study_run_id = load(workdir).user_attrs["mlflow_run_id"]
     assert client.get_run(study_run_id).info.status == "KILLED"
 
-    monkeypatch.setattr(kdsearch.search, "train", real_train)
+    monkeypatch.setattr(kdsearch.trial, "train", real_train)
     assert main(["run-study", "--n-trials", "2", *FAST]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE, State.COMPLETE]
@@ -76,6 +76,6 @@ def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
 
 def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
     assert main(["run-study", "--n-trials", "1", *FAST, "--set", "distill.lr=[1e6, 1e6]"]) == 0
-    (trial,) = load(workdir).trials
+    trial = load(workdir).trials[0]
     assert trial.state == State.FAIL and "training loss became nan" in trial.user_attrs["fail_reason"]
 

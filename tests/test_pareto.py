@@ -18,7 +18,7 @@ POINTS = {
 
 
 def study_of(points: dict) -> optuna.Study:
-    study = optuna.create_study(directions=DIRECTIONS)
+    study = optuna.create_study(directions=DIRECTIONS["pareto"])
     dist = {"width": optuna.distributions.FloatDistribution(0.1, 4.0)}
     for i, values in enumerate(points.values()):
         study.add_trial(optuna.trial.create_trial(

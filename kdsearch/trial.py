@@ -1,0 +1,154 @@
+"""One trial: sample a student, measure its cost, distill it, and record it on both sides.
+
+Wires the distillation loop's per-epoch callback to MLflow and to the pruner; the test set is measured and
+logged, never returned to the sampler.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from mlflow import MlflowClient
+
+from kdsearch import tracking
+from kdsearch.config import StudyConfig
+from kdsearch.data import Dataset
+from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
+from kdsearch.engine import PhaseTimer, prepare_model
+from kdsearch.measure import Latency, count_flops, count_params, measure_latency, size_bytes
+from kdsearch.models import Architecture, build_model, student_width
+from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
+from kdsearch.teacher import Teacher
+
+
+@dataclass
+class StudyContext:
+    """Everything a trial needs, built once per process."""
+
+    cfg: StudyConfig
+    data: Dataset  # on the training device
+    teacher: Teacher
+    normalize: Normalizer
+    client: MlflowClient
+    experiment_id: str
+    study_run_id: str
+
+
+def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> dict:
+    s, d = cfg.student, cfg.distill
+    return {
+        "width": trial.suggest_float("width", *s.width, log=True),
+        "depth": trial.suggest_int("depth", *s.depth),
+        "temperature": trial.suggest_float("temperature", *d.temperature, log=True),
+        "alpha": trial.suggest_float("alpha", *d.alpha),
+        "lr": trial.suggest_float("lr", *d.lr, log=True),
+    }
+
+
+def student_arch(cfg: StudyConfig, data: Dataset, width: float, depth: int) -> Architecture:
+    return Architecture(data.input_shape[0], data.num_classes, student_width(cfg.student.base_width, width), depth,
+                        cfg.student.convs_per_stage)
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    return study_seed * 1_000_003 + number
+
+
+def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
+    """Sample, build and measure a student; reject it if it breaks a limit; distill it; log everything."""
+    cfg, data = ctx.cfg, ctx.data
+    timer = PhaseTimer(data.train.x.device)
+    hp = sample_student(trial, cfg)
+    seed = trial_seed(cfg.seed, trial.number)
+    torch.manual_seed(seed)
+    arch = student_arch(cfg, data, hp["width"], hp["depth"])
+    model = build_model(arch, data.input_shape[1])
+    with timer("measure"):
+        cost, latency = measure_cost(model, data.input_shape, cfg)
+    for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
+        trial.set_user_attr(key, cost[key])
+    trial.set_user_attr("channels", arch.channels())
+    trial.set_user_attr("constraints", limit_violations(cost, cfg.search))
+    pruner = epoch_pruner(cfg.search)
+    with timer("tracking"):
+        run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
+                      "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
+                      **{f"latency_{k}": v for k, v in latency.to_dict().items() if not k.endswith("_ms")}}
+        run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
+                                          trial.number, run_params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+    try:
+        reason = limit_reason(cost, cfg.search)
+        if reason:
+            raise Pruned(reason)
+        pruner.before_training(trial, cost)
+        with timer("train"):
+            cost["val_acc"] = distill_student(ctx, trial, model, hp, seed, run_id, timer, pruner)
+        with timer("evaluate"):
+            cost["test_acc"] = accuracy(model, data.test, ctx.normalize)
+        with timer("tracking"):
+            trial.set_user_attr("test_acc", cost["test_acc"])
+            tracking.log_values(ctx.client, run_id, metrics=cost, step=cfg.distill.epochs)
+            _log_weights(ctx.client, run_id, model, arch)
+        trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
+        tracking.log_values(ctx.client, run_id, metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
+        tracking.end_trial_run(ctx.client, run_id, "COMPLETE")
+    except Pruned as e:
+        trial.set_user_attr("prune_reason", e.reason)
+        if e.by_trial is not None:
+            trial.set_user_attr("pruned_by", e.by_trial)
+        tracking.end_trial_run(ctx.client, run_id, "PRUNED", e.reason)
+        raise
+    except KeyboardInterrupt:
+        tracking.end_trial_run(ctx.client, run_id, "FAIL", "interrupted (Ctrl-C)", interrupted=True)
+        raise
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        trial.set_user_attr("fail_reason", reason)
+        tracking.end_trial_run(ctx.client, run_id, "FAIL", reason)
+        raise
+    if cfg.search.mode == "budget":
+        return cost["val_acc"]
+    return cost["val_acc"], cost["params"], cost["latency_ms"]
+
+
+def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig) -> tuple[dict, Latency]:
+    """What the architecture costs, known before any training."""
+    latency = measure_latency(model, input_shape, cfg.latency)
+    cost = {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
+            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
+    return cost, latency
+
+
+def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Module, hp: dict, seed: int,
+                    run_id: str, timer: PhaseTimer, pruner: NoPruner) -> float:
+    """Train the student in place against the teacher; log each epoch to the trial's run and offer it to the
+    pruner; return the final val_acc."""
+    cfg = ctx.cfg
+    settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
+                             weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
+                             alpha=hp["alpha"], seed=seed, augment=cfg.data.augment)
+    prepare_model(model, ctx.data.train.x.device)
+    trainable = torch.compile(model) if cfg.engine.compile else model
+
+    history: list[float] = []
+
+    def log_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
+        with timer("tracking"):
+            tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
+            history.append(val_acc)
+            trial.set_user_attr("val_acc_history", history)
+        pruner.after_epoch(trial, epoch, val_acc)
+
+    teacher = ctx.teacher.targets(cfg.data.augment)
+    return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
+
+
+def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save({"arch": arch.to_dict(), "state_dict": model.state_dict()}, Path(tmp) / "student.pt")
+        client.log_artifact(run_id, str(Path(tmp) / "student.pt"))
