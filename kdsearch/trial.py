@@ -73,7 +73,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
         trial.set_user_attr(key, cost[key])
     trial.set_user_attr("channels", arch.channels())
     trial.set_user_attr("constraints", limit_violations(cost, cfg.search))
-    pruner = epoch_pruner(cfg.search)
+    pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search)
     with timer("tracking"):
         run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
                       "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
@@ -142,7 +142,8 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
             tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
             history.append(val_acc)
             trial.set_user_attr("val_acc_history", history)
-        pruner.after_epoch(trial, epoch, val_acc)
+        if epoch < cfg.distill.epochs:  # after the last epoch the result is known: completing it costs nothing
+            pruner.after_epoch(trial, epoch, val_acc)
 
     teacher = ctx.teacher.targets(cfg.data.augment)
     return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
