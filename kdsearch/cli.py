@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Write reports/<study>/pareto.{html,png,csv} and log them to the study's "
                                           "MLflow run.")
     _add_common(rep)
+
+    exp = commands.add_parser("export", help="export a student as TorchScript and ONNX with a JSON card",
+                              description="Pick a student (a trial, or the most accurate within a bound), write "
+                                          "exports/<study>/trial-N/{student.ts,student.onnx,card.json} and log it "
+                                          "as an MLflow model on its trial's run.")
+    pick = exp.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--trial", type=int, help="trial number")
+    pick.add_argument("--max-params", type=_positive_int, help="most accurate student with at most this many params")
+    pick.add_argument("--max-latency-ms", type=_seconds, help="most accurate student at most this slow")
+    exp.add_argument("--out", default="exports", help="output folder (default: %(default)s)")
+    _add_common(exp)
     return parser
 
 
@@ -116,12 +127,20 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from kdsearch.export import export_study_student
+
+    paths = export_study_student(args.study_name or DEFAULT_STUDY, args.storage, args.tracking_uri, Path(args.out),
+                                 trial=args.trial, max_params=args.max_params, max_latency_ms=args.max_latency_ms)
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        {"run-study": cmd_run_study, "report": cmd_report}[args.command](args)
+        {"run-study": cmd_run_study, "report": cmd_report, "export": cmd_export}[args.command](args)
     except KdsearchError as e:
         print(f"kdsearch: error: {e}", file=sys.stderr)
         return 2

@@ -130,14 +130,18 @@ def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: 
 
 def load_and_report(study_name: str, storage: str, tracking_uri: str | None, reports_dir: Path) -> pd.DataFrame:
     """The `report` command: load a finished (or running) study and write its report."""
-    from kdsearch import KdsearchError
     from kdsearch.tracking import client_for
 
+    return report_study(load_existing_study(study_name, storage), reports_dir, client_for(tracking_uri))
+
+
+def load_existing_study(study_name: str, storage: str) -> optuna.Study:
+    from kdsearch import KdsearchError
+
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise KdsearchError(f"no study '{study_name}' in {storage}: pass --study-name and --storage of a study "
                             "made by run-study") from None
     except (ValueError, ImportError) as e:
         raise KdsearchError(f"cannot open Optuna storage {storage!r} ({e}): pass a valid --storage URL") from None
-    return report_study(study, reports_dir, client_for(tracking_uri))

@@ -120,7 +120,7 @@ def teacher_figures(teacher: Teacher) -> dict:
     return {**figures, "seconds": teacher.metrics.get("seconds", 0.0)}
 
 
-def start_tracking(cfg: StudyConfig, study: optuna.Study, teacher: Teacher, tracking_uri: str | None
+def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher: Teacher, tracking_uri: str | None
                    ) -> tuple[MlflowClient, str, str]:
     client = tracking.client_for(tracking_uri)
     exp_id = tracking.experiment_id(client, study.study_name)
@@ -132,6 +132,8 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, teacher: Teacher, trac
     study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", study_run_id)
     study.set_user_attr("teacher", {**teacher_figures(teacher), "mlflow_run_id": teacher_run_id})
+    study.set_user_attr("data", {"mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
+                                 "num_classes": data.num_classes})
     tracking.log_values(client, study_run_id, tags={"kdsearch.teacher_run_id": teacher_run_id})
     tracking.log_json(client, study_run_id, "config.json", cfg.to_dict())
     return client, exp_id, study_run_id
@@ -188,7 +190,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
     study = open_study(cfg, study_name, storage)
-    client, exp_id, study_run_id = start_tracking(cfg, study, teacher, tracking_uri)
+    client, exp_id, study_run_id = start_tracking(cfg, study, data, teacher, tracking_uri)
     ctx = StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id)
     failures = stop_on_repeated_failure()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's

@@ -93,7 +93,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
         with timer("tracking"):
             trial.set_user_attr("test_acc", cost["test_acc"])
             tracking.log_values(ctx.client, run_id, metrics=cost, step=cfg.distill.epochs)
-            _log_weights(ctx.client, run_id, model, arch)
+            _log_weights(ctx.client, run_id, model, arch, data.input_shape[1])
         trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
         tracking.log_values(ctx.client, run_id, metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
         tracking.end_trial_run(ctx.client, run_id, "COMPLETE")
@@ -149,7 +149,9 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
     return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
 
 
-def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture) -> None:
+def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture,
+                 image_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"arch": arch.to_dict(), "state_dict": model.state_dict()}, Path(tmp) / "student.pt")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save({"arch": arch.to_dict(), "image_size": image_size, "state_dict": state}, Path(tmp) / "student.pt")
         client.log_artifact(run_id, str(Path(tmp) / "student.pt"))

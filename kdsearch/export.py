@@ -1,0 +1,121 @@
+"""Take the chosen student away: TorchScript, ONNX and a JSON card, logged as an MLflow model on its trial's run.
+
+The exported model takes float32 images [N, C, H, W] with pixel values 0..255 and normalises them itself, so it
+needs nothing from kdsearch to run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import optuna
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from kdsearch import KdsearchError
+from kdsearch.models import Architecture, build_model
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+class Deployable(nn.Module):
+    """The student with its input normalisation folded in."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def choose_trial(study: optuna.Study, trial: int | None = None, max_params: int | None = None,
+                 max_latency_ms: float | None = None) -> optuna.trial.FrozenTrial:
+    """The given trial, or the most accurate complete one within the bounds (fewer parameters break ties)."""
+    complete = study.get_trials(deepcopy=False, states=[COMPLETE])
+    if trial is not None:
+        found = [t for t in complete if t.number == trial]
+        if not found:
+            raise KdsearchError(f"trial {trial} of study '{study.study_name}' is not complete: pick one from "
+                                f"{sorted(t.number for t in complete)}")
+        return found[0]
+    fits = [t for t in complete if (max_params is None or t.user_attrs["params"] <= max_params)
+            and (max_latency_ms is None or t.user_attrs["latency_ms"] <= max_latency_ms)]
+    if not fits:
+        raise KdsearchError(f"no complete trial of study '{study.study_name}' fits the bound: loosen --max-params "
+                            "or --max-latency-ms, or run more trials")
+    return max(fits, key=lambda t: (t.values[0], -t.user_attrs["params"]))
+
+
+def load_student(client: MlflowClient, run_id: str) -> tuple[nn.Module, Architecture]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, "student.pt", tmp)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    arch = Architecture(**saved["arch"])
+    model = build_model(arch, saved["image_size"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), arch
+
+
+def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client: MlflowClient, out_dir: Path
+                   ) -> dict[str, Path]:
+    """Write student.ts, student.onnx and card.json under out_dir and log the model on the trial's run."""
+    run_id = trial.user_attrs["mlflow_run_id"]
+    student, arch = load_student(client, run_id)
+    config = study.user_attrs["config"]
+    data = study.user_attrs["data"]
+    model = Deployable(student, data["mean"], data["std"]).eval()
+    example = torch.rand(1, *data["input_shape"]) * 255
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"torchscript": out_dir / "student.ts", "onnx": out_dir / "student.onnx", "card": out_dir / "card.json"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated upstream but still what many runtimes load
+        torch.jit.trace(model, example).save(str(paths["torchscript"]))
+        torch.onnx.export(model, (example,), str(paths["onnx"]), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
+    card = {
+        "study": study.study_name, "trial": trial.number, "mlflow_run_id": run_id,
+        "architecture": arch.to_dict(), "channels": arch.channels(), "params": trial.user_attrs["params"],
+        "flops": trial.user_attrs.get("flops"), "size_bytes": trial.user_attrs.get("size_bytes"),
+        "val_acc": trial.values[0], "test_acc": trial.user_attrs["test_acc"],
+        "latency": {"median_ms": trial.user_attrs["latency_ms"], "iqr_ms": trial.user_attrs.get("latency_iqr_ms"),
+                    **{k: v for k, v in config["latency"].items() if k != "min_run_time"}},
+        "distillation": {"temperature": trial.params["temperature"], "alpha": trial.params["alpha"],
+                         "lr": trial.params["lr"], "epochs": config["distill"]["epochs"]},
+        "teacher": study.user_attrs.get("teacher"), "dataset": config["data"]["dataset"],
+        "input": {"shape": ["N", *data["input_shape"]], "dtype": "float32", "range": "pixel values 0..255",
+                  "normalisation": {"mean": data["mean"], "std": data["std"]}},
+    }
+    paths["card"].write_text(json.dumps(card, indent=1))
+    _log_model(client, run_id, model, example, paths["card"])
+    return paths
+
+
+def _log_model(client: MlflowClient, run_id: str, model: nn.Module, example: torch.Tensor, card: Path) -> None:
+    """An MLflow model on the trial's run (ready for `mlflow.register_model`), the run left as it was."""
+    import mlflow.pytorch
+
+    status = client.get_run(run_id).info.status
+    with warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
+        warnings.simplefilter("ignore")
+        mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
+        mlflow.log_artifact(str(card), artifact_path="export")
+    client.set_terminated(run_id, status)
+
+
+def export_study_student(study_name: str, storage: str, tracking_uri: str | None, out: Path, *,
+                         trial: int | None = None, max_params: int | None = None,
+                         max_latency_ms: float | None = None) -> dict[str, Path]:
+    """The `export` command."""
+    from kdsearch.report import load_existing_study
+    from kdsearch.tracking import client_for
+
+    study = load_existing_study(study_name, storage)
+    chosen = choose_trial(study, trial, max_params, max_latency_ms)
+    return export_student(study, chosen, client_for(tracking_uri), out / study_name / f"trial-{chosen.number}")
