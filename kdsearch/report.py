@@ -5,11 +5,17 @@ The front is Optuna's own `study.best_trials` (validation accuracy up, parameter
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
+import plotly.io as pio
 from mlflow import MlflowClient
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
 
 PANELS = [("params", "parameters (log scale)", True), ("latency_ms", "latency (ms)", False)]
 TABLE_COLUMNS = ["trial", "val_acc", "test_acc", "params", "latency_ms", "width", "depth", "temperature", "alpha"]
@@ -19,7 +25,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per complete trial: objectives, test accuracy, sampled params, run id, and whether it is on the front."""
     front = {t.number for t in study.best_trials}
     rows = []
-    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+    for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
         a = t.user_attrs
         rows.append({"trial": t.number, "val_acc": t.values[0], "test_acc": a.get("test_acc"),
                      "params": int(a["params"]), "latency_ms": a["latency_ms"], "flops": a.get("flops"),
@@ -35,17 +41,58 @@ def front_2d(df: pd.DataFrame, x: str) -> pd.DataFrame:
     return d[d["val_acc"] > best_before]
 
 
+def kd_gain(study: optuna.Study) -> dict | None:
+    """Accuracy of the distilled baseline minus that of its undistilled twin (same student, lr and seed)."""
+    base = {t.user_attrs.get("baseline"): t for t in study.get_trials(deepcopy=False, states=[COMPLETE])}
+    if "kd" not in base or "no-kd" not in base:
+        return None
+    kd, plain = base["kd"], base["no-kd"]
+    return {"trials": [plain.number, kd.number], "params": kd.user_attrs["params"],
+            "val_acc": [plain.values[0], kd.values[0]], "val_gain": kd.values[0] - plain.values[0],
+            "test_acc": [plain.user_attrs["test_acc"], kd.user_attrs["test_acc"]],
+            "test_gain": kd.user_attrs["test_acc"] - plain.user_attrs["test_acc"]}
+
+
 def write_report(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Write pareto.html, pareto.png and pareto.csv under `out_dir`; return the front and the paths."""
+    """Write pareto.{csv,html,png}, search.html (hypervolume history, parallel coordinates) and kd_gain.json under
+    `out_dir`; return the front and the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df = trials_frame(study)
     front = df[df["pareto"]].sort_values("params") if len(df) else df
     teacher = study.user_attrs.get("teacher")
-    paths = [out_dir / "pareto.csv", out_dir / "pareto.html", out_dir / "pareto.png"]
+    paths = [out_dir / "pareto.csv", out_dir / "pareto.html", out_dir / "pareto.png", out_dir / "search.html",
+             out_dir / "kd_gain.json"]
     front.drop(columns=["pareto"], errors="ignore").to_csv(paths[0], index=False)
     _plotly_figure(df, teacher, study.study_name).write_html(paths[1], include_plotlyjs=True)
     _matplotlib_figure(df, teacher, study.study_name, paths[2])
+    paths[3].write_text(_search_page(study, df))
+    paths[4].write_text(json.dumps(kd_gain(study), indent=1))
     return front, paths
+
+
+def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
+    """Hypervolume history (Optuna's plot; optimisation history in budget mode) and parallel coordinates."""
+    import plotly.express as px
+
+    figures = []
+    if len(df):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if len(study.directions) > 1:
+                figures.append(optuna.visualization.plot_hypervolume_history(study, reference_point(df)))
+            else:
+                figures.append(optuna.visualization.plot_optimization_history(study))
+        dims = [c for c in ["width", "depth", "temperature", "alpha", "lr", "params", "latency_ms", "val_acc"]
+                if c in df.columns]
+        figures.append(px.parallel_coordinates(df[dims].assign(params=np.log10(df["params"])).rename(
+            columns={"params": "log10 params"}), color="val_acc", title="trials: parameters to objectives"))
+    html = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    return f"<html><head><title>{study.study_name}</title></head><body>{''.join(html)}</body></html>"
+
+
+def reference_point(df: pd.DataFrame) -> list[float]:
+    """Hypervolume reference: zero accuracy, and 10% beyond the largest and slowest student seen."""
+    return [0.0, float(df["params"].max()) * 1.1, float(df["latency_ms"].max()) * 1.1]
 
 
 def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | None = None) -> pd.DataFrame:
@@ -58,7 +105,12 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
     print(f"Pareto front of '{study.study_name}': {len(front)} of {len(trials_frame(study))} complete trials")
     if len(front):
         print(front[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"report: {paths[1]} ({paths[2].name}, {paths[0].name})")
+    gain = kd_gain(study)
+    if gain:
+        print(f"KD gain (trials {gain['trials'][0]} -> {gain['trials'][1]}, {gain['params']:,} params): val_acc "
+              f"{gain['val_acc'][0]:.4f} -> {gain['val_acc'][1]:.4f} ({gain['val_gain']:+.4f}), test_acc "
+              f"{gain['test_acc'][0]:.4f} -> {gain['test_acc'][1]:.4f} ({gain['test_gain']:+.4f})")
+    print(f"report: {paths[1]} ({', '.join(p.name for p in paths if p != paths[1])})")
     return front
 
 

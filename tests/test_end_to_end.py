@@ -1,5 +1,7 @@
 """A 3-trial study on the digits, checked through Optuna's and MLflow's own APIs, then resumed."""
 
+import json
+
 import optuna
 import pandas as pd
 import pytest
@@ -63,7 +65,17 @@ def test_mlflow_has_study_run_nested_trials_and_teacher(first_study):
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["student.pt"]
     assert {"val_acc", "test_acc", "params", "latency_ms"} <= set(teacher_run.data.metrics)
     report = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
-    assert report == {"report/pareto.csv", "report/pareto.html", "report/pareto.png"}
+    assert report == {f"report/{name}" for name in
+                      ("pareto.csv", "pareto.html", "pareto.png", "search.html", "kd_gain.json")}
+
+
+def test_report_shows_the_kd_gain_of_the_baselines(first_study):
+    gain = json.loads((first_study / "reports" / "digits" / "kd_gain.json").read_text())
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
+    plain, kd = study.trials[0], study.trials[1]
+    assert gain["trials"] == [0, 1] and gain["val_gain"] == pytest.approx(kd.values[0] - plain.values[0])
+    page = (first_study / "reports" / "digits" / "search.html").read_text()
+    assert "Hypervolume" in page and "parcoords" in page
 
 
 def test_report_csv_holds_exactly_the_non_dominated_trials(first_study):

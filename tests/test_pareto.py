@@ -23,7 +23,8 @@ def study_of(points: dict) -> optuna.Study:
     for i, values in enumerate(points.values()):
         study.add_trial(optuna.trial.create_trial(
             values=list(values), params={"width": 1.0 + i / 10}, distributions=dist,
-            user_attrs={"test_acc": values[0] - 0.01, "mlflow_run_id": f"run{i}", "flops": 1, "channels": [4]}))
+            user_attrs={"test_acc": values[0] - 0.01, "mlflow_run_id": f"run{i}", "flops": 1, "channels": [4],
+                        "params": values[1], "latency_ms": values[2]}))
     return study
 
 
