@@ -197,3 +197,14 @@ def load_existing_study(study_name: str, storage: str) -> optuna.Study:
                             "made by run-study") from None
     except (ValueError, ImportError) as e:
         raise KdsearchError(f"cannot open Optuna storage {storage!r} ({e}): pass a valid --storage URL") from None
+
+
+def hypervolume(study: optuna.Study, reference: tuple[float, float, float] = (0.0, 1e5, 1.0)) -> float:
+    """Hypervolume of the Pareto-mode front in (val_acc, log10 params, latency_ms), between it and `reference`
+    (accuracy, parameters, ms). Log parameters so that no one objective's scale swamps the others."""
+    from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses; not yet public
+
+    points = np.array([[-t.values[0], np.log10(t.values[1]), t.values[2]] for t in study.best_trials])
+    ref = np.array([-reference[0], np.log10(reference[1]), reference[2]])
+    points = points[(points < ref).all(axis=1)]
+    return float(compute_hypervolume(points, ref)) if len(points) else 0.0

@@ -1,0 +1,38 @@
+"""Shared by the benchmarks: run a study quietly in a throwaway folder and time it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from kdsearch.config import StudyConfig, load_study
+from kdsearch.search import run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = str(ROOT / ".kdsearch-cache")
+
+
+def study_config(name: str, overrides: list[str]) -> StudyConfig:
+    return load_study(ROOT / "studies" / f"{name}.toml", overrides)
+
+
+def timed_study(cfg: StudyConfig) -> tuple[optuna.Study, float]:
+    """Run `cfg` in a temporary folder (own Optuna and MLflow stores, shared teacher cache); return the study
+    and its wall seconds, the teacher excluded (it is cached before the clock starts)."""
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        os.chdir(tmp)
+        try:
+            quick = cfg.replace(search=cfg.search.__class__(**{**cfg.search.__dict__, "n_trials": 1}))
+            run_study(quick, study_name="warm-up", cache_dir=CACHE)  # teacher into the cache, imports warm
+            start = time.perf_counter()
+            study = run_study(cfg, cache_dir=CACHE)
+            return study, time.perf_counter() - start
+        finally:
+            os.chdir(here)
