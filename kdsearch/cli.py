@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a study-file key, e.g. --set distill.epochs=5 (repeatable)")
     run.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
     run.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
+    run.add_argument("--workers", type=_positive_int, default=1,
+                     help="local worker processes sharing the study (needs a PostgreSQL or journal: --storage)")
+    run.add_argument("--until-complete", type=_positive_int, help=argparse.SUPPRESS)  # set by --workers
     _add_common(run)
 
     rep = commands.add_parser("report", help="write the Pareto report of a study",
@@ -104,9 +107,33 @@ def cmd_run_study(args: argparse.Namespace) -> None:
         overrides.append(f"search.timeout={args.timeout}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir!r}")
-    cfg = load_study(find_study_file(args.study), overrides)
-    run_study(cfg, study_name=args.study_name, storage=args.storage, tracking_uri=args.tracking_uri,
-              device=args.device, cache_dir=args.cache_dir, reports_dir=args.reports_dir)
+    study_file = find_study_file(args.study)
+    cfg = load_study(study_file, overrides)
+    common = {"study_name": args.study_name, "storage": args.storage, "tracking_uri": args.tracking_uri,
+              "device": args.device, "cache_dir": args.cache_dir, "reports_dir": args.reports_dir}
+    if args.workers > 1:
+        from kdsearch.workers import run_workers
+
+        run_workers(cfg, args.workers, _worker_args(args, study_file, overrides), **common)
+    else:
+        run_study(cfg, until_complete=args.until_complete, report=not args.until_complete, **common)
+
+
+def _worker_args(args: argparse.Namespace, study_file: Path, overrides: list[str]) -> list[str]:
+    """The command line of one worker: the same study, stores and overrides."""
+    out = [str(study_file.resolve()), "--storage", args.storage, "--cache-dir", args.cache_dir,
+           "--study-name", args.study_name or load_name(study_file, overrides)]
+    if args.tracking_uri:
+        out += ["--tracking-uri", args.tracking_uri]
+    for item in overrides:
+        out += ["--set", item]
+    return out
+
+
+def load_name(study_file: Path, overrides: list[str]) -> str:
+    from kdsearch.config import load_study
+
+    return load_study(study_file, overrides).name
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -90,6 +90,8 @@ class SearchConfig:
     pruner: str = "auto"  # auto: dominated in pareto mode, median in budget mode
     prune_margin: float = 0.02  # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
     baselines: bool = True  # enqueue a reference student without distillation (alpha = 0) and its distilled twin
+    heartbeat_interval: int = 30  # seconds between a worker's heartbeats (RDB storage other than SQLite)
+    grace_period: int = 90  # seconds without a heartbeat after which a trial's worker counts as dead
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ def check_values(c: StudyConfig, where: str) -> None:
         "distill.batch_size": c.distill.batch_size, "search.n_trials": c.search.n_trials,
         "latency.threads": c.latency.threads, "latency.batch_size": c.latency.batch_size,
         "latency.min_run_time": c.latency.min_run_time, "data.image_size": c.data.image_size,
+        "search.heartbeat_interval": c.search.heartbeat_interval, "search.grace_period": c.search.grace_period,
     }
     for key, value in positive.items():
         if value <= 0:

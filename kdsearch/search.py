@@ -11,6 +11,7 @@ import json
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -23,12 +24,14 @@ from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device
 from kdsearch.pruning import constraints_func, limit_violations, study_pruner
+from kdsearch.storage import open_storage, stale_trial_callback
 from kdsearch.teacher import Teacher, get_teacher
 from kdsearch.trial import StudyContext, objective
 
+COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState[s] for s in ("COMPLETE", "RUNNING", "WAITING"))
 DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
 # Settings that may change when a study is resumed; anything else must match the study's first session.
-RESUMABLE_KEYS = ("n_trials", "timeout")
+RESUMABLE_KEYS = ("n_trials", "timeout", "heartbeat_interval", "grace_period")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -58,15 +61,16 @@ def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
 
 
-def open_study(cfg: StudyConfig, study_name: str, storage: str) -> optuna.Study:
+def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study, or load it when it exists and was made from the same study file."""
     directions = DIRECTIONS[cfg.search.mode]
+    if isinstance(storage, str):
+        storage = open_storage(storage)
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                     pruner=study_pruner(cfg.search, cfg.distill.epochs), load_if_exists=True)
-    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as e:
-        raise KdsearchError(f"cannot open Optuna storage {storage!r} ({str(e).splitlines()[0]}): pass a valid "
-                            "--storage URL such as sqlite:///optuna.db") from None
+    except (ValueError, optuna.exceptions.StorageInternalError) as e:
+        raise KdsearchError(f"cannot open study '{study_name}' ({str(e).splitlines()[0]}): check --storage") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise KdsearchError(f"study '{study_name}' exists with other objectives: pass a new --study-name")
     wanted = _comparable(cfg)
@@ -104,6 +108,7 @@ def _comparable(cfg: StudyConfig) -> dict:
     for key in RESUMABLE_KEYS:
         d["search"].pop(key)
     d["data"].pop("data_dir")
+    d.pop("engine")  # how a process trains (threads, compile) may differ between sessions and workers
     return d
 
 
@@ -120,9 +125,8 @@ def teacher_figures(teacher: Teacher) -> dict:
     return {**figures, "seconds": teacher.metrics.get("seconds", 0.0)}
 
 
-def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher: Teacher, tracking_uri: str | None
-                   ) -> tuple[MlflowClient, str, str]:
-    client = tracking.client_for(tracking_uri)
+def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher: Teacher, client: MlflowClient
+                   ) -> tuple[str, str]:
     exp_id = tracking.experiment_id(client, study.study_name)
     t = cfg.teacher
     teacher_params = {"arch": t.arch, "width": t.width, "depth": t.depth, "convs_per_stage": t.convs_per_stage,
@@ -136,7 +140,7 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
                                  "num_classes": data.num_classes})
     tracking.log_values(client, study_run_id, tags={"kdsearch.teacher_run_id": teacher_run_id})
     tracking.log_json(client, study_run_id, "config.json", cfg.to_dict())
-    return client, exp_id, study_run_id
+    return exp_id, study_run_id
 
 
 def print_progress(total: int, started: float):
@@ -176,36 +180,82 @@ def stop_on_repeated_failure(limit: int = 3):
     return callback
 
 
-def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
-              tracking_uri: str | None = None, device: str | None = None, cache_dir: str | Path = ".kdsearch-cache",
-              reports_dir: str | Path = "reports") -> optuna.Study:
-    """Run (or resume) a study: `cfg.search.n_trials` more trials, then write and log the report."""
-    from kdsearch.report import report_study
+@dataclass
+class Session:
+    """A process's view of a study, ready to run trials."""
 
-    study_name = study_name or cfg.name
+    study: optuna.Study
+    ctx: StudyContext
+    client: MlflowClient
+    device: torch.device
+
+
+def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
+                 tracking_uri: str | None = None, device: str | None = None,
+                 cache_dir: str | Path = ".kdsearch-cache") -> Session:
+    """Check the data, build or load the teacher, open the study and its MLflow runs: all before any trial."""
     dev = resolve_device(device)
     configure_device(dev, cfg.engine.threads)
     started = time.time()
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
-    study = open_study(cfg, study_name, storage)
-    client, exp_id, study_run_id = start_tracking(cfg, study, data, teacher, tracking_uri)
-    ctx = StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id)
+    client = tracking.client_for(tracking_uri)
+    store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
+                         cfg.search.grace_period)
+    study = open_study(cfg, study_name or cfg.name, store)
+    exp_id, study_run_id = start_tracking(cfg, study, data, teacher, client)
+    return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id), client, dev)
+
+
+def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
+              tracking_uri: str | None = None, device: str | None = None, cache_dir: str | Path = ".kdsearch-cache",
+              reports_dir: str | Path = "reports", until_complete: int | None = None,
+              report: bool = True) -> optuna.Study:
+    """Run (or resume) a study: `cfg.search.n_trials` more trials (or, as one of several workers, trials until
+    the study holds `until_complete` complete ones), then write and log the report."""
+    from kdsearch.report import report_study
+
+    session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
+                           cache_dir=cache_dir)
+    study, client, run_id = session.study, session.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
+    callbacks = [print_progress(until_complete or cfg.search.n_trials, time.time()), failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
-    print(f"study '{study_name}': {len(study.trials)} trials so far, running {cfg.search.n_trials} more on {dev}",
-          flush=True)
+    print(f"study '{study.study_name}': {len(study.trials)} trials so far, running "
+          f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "
+          f"on {session.device}", flush=True)
     try:
-        study.optimize(lambda trial: objective(ctx, trial), n_trials=cfg.search.n_trials,
-                       timeout=cfg.search.timeout or None, catch=(Exception,),
-                       callbacks=[print_progress(cfg.search.n_trials, time.time()), failures])
+        if until_complete:
+            run_until_complete(session, until_complete, callbacks)
+        else:
+            study.optimize(lambda trial: objective(session.ctx, trial), n_trials=cfg.search.n_trials,
+                           timeout=cfg.search.timeout or None, catch=(Exception,), callbacks=callbacks)
     except KeyboardInterrupt:
-        client.set_terminated(study_run_id, "KILLED")
+        client.set_terminated(run_id, "KILLED")
         raise
-    client.set_terminated(study_run_id, "FINISHED")
     if failures.reason:
+        client.set_terminated(run_id, "FAILED")
         raise KdsearchError(f"stopped: the last trials all failed with '{failures.reason}': fix the cause and "
                             f"run the same command again to resume")
-    report_study(study, Path(reports_dir), client)
+    if report:
+        client.set_terminated(run_id, "FINISHED")
+        report_study(study, Path(reports_dir), client)
     return study
+
+
+def run_until_complete(session: Session, target: int, callbacks: list, poll_s: float = 1.0) -> None:
+    """One of several workers: take trials until the study holds `target` complete ones. While the trials
+    running elsewhere would reach the target, wait, and let the heartbeat find any whose worker died."""
+    study = session.study
+    while not getattr(callbacks[-1], "reason", None):
+        optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        complete, running, waiting = (states.count(s) for s in (COMPLETE, RUNNING, WAITING))
+        if complete >= target:
+            return
+        if complete + running >= target and not waiting:
+            time.sleep(poll_s)
+            continue
+        study.optimize(lambda trial: objective(session.ctx, trial), n_trials=1, catch=(Exception,),
+                       callbacks=callbacks)

@@ -94,3 +94,16 @@ def end_trial_run(client: MlflowClient, run_id: str, state: str, reason: str = "
     log_values(client, run_id, tags=tags)
     status = "KILLED" if interrupted else {"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
     client.set_terminated(run_id, status)
+
+
+def close_lost_trial_runs(client: MlflowClient, study_name: str, number: int, reason: str) -> int:
+    """Close every run of trial `number` still RUNNING (its worker died, perhaps before the trial learnt the run's
+    id) as KILLED; return how many."""
+    exp = client.get_experiment_by_name(study_name)
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`optuna.trial_number` = '{number}' and tags.`{ROLE}` = 'trial' and attributes.status = 'RUNNING'"))
+    for run in runs:
+        end_trial_run(client, run.info.run_id, "FAIL", reason, interrupted=True)
+    return len(runs)

@@ -6,6 +6,8 @@ logged, never returned to the sampler.
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
         trial.set_user_attr(key, cost[key])
     trial.set_user_attr("channels", arch.channels())
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("constraints", limit_violations(cost, cfg.search))
     pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search)
     with timer("tracking"):

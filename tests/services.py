@@ -1,0 +1,60 @@
+"""Throwaway servers for tests: PostgreSQL (Debian's package) and an MLflow tracking server, both on loopback."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_postgres() -> tuple[str, callable] | None:
+    """A private PostgreSQL server in a fresh folder under /tmp (the postgres user must reach it), or None where
+    its binaries or the postgres user are missing."""
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if not bins or os.geteuid() != 0 or shutil.which("runuser") is None:
+        return None
+    bindir, port = Path(bins[-1]).parent, free_port()
+    folder = Path(tempfile.mkdtemp(prefix="kdsearch-pg-"))
+    shutil.chown(folder, "postgres", "postgres")
+
+    def as_postgres(*cmd: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
+
+    as_postgres(str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres")
+    as_postgres(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l", str(folder / "log"), "-o",
+                f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
+
+    def stop() -> None:
+        as_postgres(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", stop
+
+
+def start_mlflow_server(folder: Path) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return url, proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start within 60 s")

@@ -1,0 +1,25 @@
+"""Accuracy that proves the engine is real, on the real MNIST in ../shared/data (slow: about 10 minutes on 2 cores).
+
+    python -m pytest -m slow
+"""
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from kdsearch.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "mnist.toml"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (DATA / "MNIST" / "raw").is_dir(), reason=f"no MNIST in {DATA}")]
+
+
+def test_mnist_teacher_and_a_small_student_reach_their_marks(workdir):
+    assert main(["run-study", str(STUDY), "--data-dir", str(DATA), "--n-trials", "20"]) == 0
+    study = optuna.load_study(study_name="mnist", storage=f"sqlite:///{workdir}/optuna.db")
+    assert study.user_attrs["teacher"]["test_acc"] >= 0.993
+    small = [t for t in study.best_trials if t.user_attrs["params"] <= 30_000 and t.user_attrs["test_acc"] >= 0.99]
+    assert small, "no student of at most 30,000 parameters at 99.0% test accuracy on the front"
