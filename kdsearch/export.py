@@ -102,10 +102,15 @@ def _log_model(client: MlflowClient, run_id: str, model: nn.Module, example: tor
     import mlflow.pytorch
 
     status = client.get_run(run_id).info.status
-    with warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
-        warnings.simplefilter("ignore")
-        mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
-        mlflow.log_artifact(str(card), artifact_path="export")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)  # the fluent API below logs where the client points
+    try:
+        with warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
+            warnings.simplefilter("ignore")
+            mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
+            mlflow.log_artifact(str(card), artifact_path="export")
+    finally:
+        mlflow.set_tracking_uri(previous)
     client.set_terminated(run_id, status)
 
 

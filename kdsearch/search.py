@@ -200,7 +200,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
-    client = tracking.client_for(tracking_uri)
+    client = tracking.open_client(tracking_uri, study_name or cfg.name)
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
     study = open_study(cfg, study_name or cfg.name, store)

@@ -13,14 +13,28 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from kdsearch import KdsearchError
+
 ROLE = "kdsearch.role"
 
 
 def client_for(tracking_uri: str | None) -> MlflowClient:
-    """A client on `tracking_uri`, or on MLflow's own default (sqlite:///mlflow.db here, artifacts in mlruns/)."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    return MlflowClient()
+    """A client on `tracking_uri`, or on MLflow's own default (sqlite:///mlflow.db here, artifacts in mlruns/).
+    MLflow's global tracking URI is left alone, so one call never redirects another."""
+    return MlflowClient(tracking_uri)
+
+
+def open_client(tracking_uri: str | None, study_name: str) -> MlflowClient:
+    """A client on a store that answers and takes writes (the study's experiment is made here), or a one-line
+    error before any study exists."""
+    try:
+        client = client_for(tracking_uri)
+        experiment_id(client, study_name)
+        return client
+    except Exception as e:  # MLflow wraps store, network and file errors differently per backend
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise KdsearchError(f"cannot write to the MLflow tracking store {tracking_uri or mlflow.get_tracking_uri()} "
+                            f"({first}): pass a writable --tracking-uri, or start the tracking server") from None
 
 
 def experiment_id(client: MlflowClient, study_name: str) -> str:

@@ -78,3 +78,86 @@ def test_shipped_studies_are_valid():
 def test_errors_are_our_type(tmp_path):
     with pytest.raises(KdsearchError, match="not found"):
         load_study(tmp_path / "nope.toml")
+
+
+FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
+        "--set", "distill.epochs=1", "--set", "latency.min_run_time=0.02", "--set", "search.pruner='none'"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("search.pruner='sometimes'", "search.pruner = 'sometimes' is unknown: use one of auto, none"),
+    ("teacher.arch='resnet'", "teacher.arch = 'resnet' is unknown: use one of convnet"),
+    ("search.pruner='median'", "needs one objective: use search.mode = 'budget'"),
+])
+def test_unknown_pruner_architecture_and_mismatched_pruner(workdir, capsys, override, expected):
+    code, err = run_cli(capsys, "--set", override)
+    assert code == 2 and expected in err and "\n" not in err
+    assert list(workdir.iterdir()) == []
+
+
+def test_data_folder_without_the_files(workdir, capsys):
+    code, err = run_cli(capsys, "mnist", "--data-dir", str(workdir))
+    assert code == 2 and "expected" in err and "MNIST/raw/train-images-idx3-ubyte" in err and "\n" not in err
+    assert sorted(p.name for p in workdir.iterdir()) == []
+
+
+def _checkpoint_case(workdir, kind):
+    import torch
+
+    from kdsearch.models import Architecture, build_model
+
+    path = workdir / "teacher.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "classes":
+        torch.jit.script(build_model(Architecture(1, 5, 8, 2), 8)).save(str(path))
+    elif kind == "shape":
+        torch.jit.script(build_model(Architecture(3, 10, 8, 2), 8)).save(str(path))
+    elif kind == "state_dict":
+        torch.save(build_model(Architecture(1, 5, 8, 2), 8).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing", "not found: fix teacher.checkpoint"),
+    ("corrupt", "is neither TorchScript nor a state_dict"),
+    ("classes", "gives (5,) outputs, the data has 10 classes"),
+    ("shape", "does not accept images of shape (1, 8, 8)"),
+    ("state_dict", "is neither TorchScript nor a state_dict of the [teacher] architecture"),
+])
+def test_bad_teacher_checkpoint(workdir, capsys, kind, expected):
+    path = workdir / "missing.pt" if kind == "missing" else _checkpoint_case(workdir, kind)
+    code, err = run_cli(capsys, *FAST, "--set", "teacher.width=8", "--set", f"teacher.checkpoint='{path}'")
+    assert code == 2 and expected in err and "\n" not in err
+    assert not (workdir / "optuna.db").exists() and not (workdir / ".kdsearch-cache" / "teachers").exists()
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("not-a-url", "is not a storage URL"),
+    ("postgresql+psycopg2://nobody@127.0.0.1:1/none", "check the --storage URL and that the database server is"),
+    ("journal:", "needs a file"),
+])
+def test_bad_storage(workdir, capsys, storage, expected):
+    code, err = run_cli(capsys, *FAST, "--n-trials", "1", "--storage", storage)
+    assert code == 2 and expected in err and "\n" not in err
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_unwritable_tracking_uri(workdir, capsys):
+    code, err = run_cli(capsys, *FAST, "--n-trials", "1", "--tracking-uri", "sqlite:////proc/no/mlflow.db")
+    assert code == 2 and "cannot write to the MLflow tracking store" in err and "\n" not in err
+    assert not (workdir / "optuna.db").exists()
+
+
+def test_unreachable_tracking_server(workdir, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    code, err = run_cli(capsys, *FAST, "--n-trials", "1", "--tracking-uri", "http://127.0.0.1:1")
+    assert code == 2 and "cannot write to the MLflow tracking store" in err and "\n" not in err
+
+
+def test_existing_study_with_other_directions(workdir, capsys):
+    assert run_cli(capsys, *FAST, "--n-trials", "1", "--set", "search.baselines=false")[0] == 0
+    code, err = run_cli(capsys, *FAST, "--n-trials", "1", "--set", "search.mode='budget'",
+                        "--set", "search.baselines=false")
+    assert code == 2 and "exists with other objectives: pass a new --study-name" in err

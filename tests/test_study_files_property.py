@@ -1,0 +1,53 @@
+"""Property: any study file either loads into a config whose trials can be built and measured, or fails with
+our one error type. Random tables mix valid keys, misspelt keys, and values of every TOML type."""
+
+import optuna
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kdsearch import KdsearchError
+from kdsearch.config import StudyConfig, build, check_values
+from kdsearch.data import load_dataset
+from kdsearch.measure import count_params
+from kdsearch.models import build_model
+from kdsearch.trial import sample_student, student_arch
+
+SECTIONS = {name: list(getattr(StudyConfig(), name).__dataclass_fields__)
+            for name in ("data", "teacher", "student", "distill", "search", "latency", "engine")}
+scalars = st.one_of(st.integers(-5, 50), st.floats(-2, 30, allow_nan=False), st.booleans(),
+                    st.sampled_from(["digits", "mnist", "tpe", "random", "nsga2", "gp", "none", "crop", "pareto",
+                                     "budget", "median", "cpu", "x"]),
+                    st.lists(st.one_of(st.integers(-1, 8), st.floats(-1, 25, allow_nan=False)), max_size=3))
+
+
+@st.composite
+def study_tables(draw):
+    table = {}
+    for section, keys in SECTIONS.items():
+        if draw(st.booleans()):
+            names = draw(st.lists(st.sampled_from(keys + [keys[0] + "s", "colour"]), max_size=4, unique=True))
+            table[section] = {k: draw(scalars) for k in names}
+    if draw(st.booleans()):
+        table[draw(st.sampled_from(["seed", "name", "sead"]))] = draw(scalars)
+    return table
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(StudyConfig().data, seed=0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=study_tables())
+def test_random_study_files_load_or_fail_with_our_error(table, digits):
+    try:
+        cfg = build(StudyConfig, table, "random.toml")
+        check_values(cfg, "random.toml")
+    except KdsearchError as e:
+        assert str(e).startswith("random.toml: ") and "\n" not in str(e)
+        return
+    trial = optuna.create_study().ask()  # a student sampled from the file's ranges builds and counts
+    hp = sample_student(trial, cfg)
+    model = build_model(student_arch(cfg, digits, hp["width"], hp["depth"]), digits.input_shape[1])
+    assert count_params(model) > 0
