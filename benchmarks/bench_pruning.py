@@ -22,13 +22,15 @@ def main() -> None:
     parser.add_argument("--study", default="digits")
     parser.add_argument("--n-trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--margin", type=float, default=None, help="search.prune_margin (default: the study's)")
     args = parser.parse_args()
+    margin = [] if args.margin is None else [f"search.prune_margin={args.margin}"]
     rows = {"none": [], "dominated": []}
     print(f"{'seed':>4} {'pruner':>9} {'seconds':>8} {'pruned':>6} {'hypervolume':>11}")
     for seed in args.seeds:
         for pruner in rows:
             cfg = study_config(args.study, [f"seed={seed}", f"search.n_trials={args.n_trials}",
-                                            f"search.pruner='{pruner}'"])
+                                            f"search.pruner='{pruner}'", *margin])
             study, seconds = timed_study(cfg)
             pruned = sum(t.state.name == "PRUNED" for t in study.trials)
             hv = hypervolume(study)

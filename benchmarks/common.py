@@ -22,9 +22,18 @@ def study_config(name: str, overrides: list[str]) -> StudyConfig:
     return load_study(ROOT / "studies" / f"{name}.toml", overrides)
 
 
+def quiet() -> None:
+    import logging
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def timed_study(cfg: StudyConfig) -> tuple[optuna.Study, float]:
     """Run `cfg` in a temporary folder (own Optuna and MLflow stores, shared teacher cache); return the study
     and its wall seconds, the teacher excluded (it is cached before the clock starts)."""
+    quiet()
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         os.chdir(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import time
 
@@ -85,3 +86,11 @@ class PhaseTimer:
 
 def no_timer(name: str):
     return contextlib.nullcontext()
+
+
+def release_memory_after_failure(study, trial) -> None:
+    """An Optuna callback: after a failed trial (CUDA out of memory, say) free what its frames held."""
+    if trial.state.name == "FAIL":
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

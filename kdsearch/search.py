@@ -22,7 +22,7 @@ from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
-from kdsearch.engine import configure_device
+from kdsearch.engine import configure_device, release_memory_after_failure
 from kdsearch.pruning import constraints_func, limit_violations, study_pruner
 from kdsearch.storage import open_storage, stale_trial_callback
 from kdsearch.teacher import Teacher, get_teacher
@@ -220,7 +220,8 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
                            cache_dir=cache_dir)
     study, client, run_id = session.study, session.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
-    callbacks = [print_progress(until_complete or cfg.search.n_trials, time.time()), failures]
+    callbacks = [print_progress(until_complete or cfg.search.n_trials, time.time()), release_memory_after_failure,
+                 failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
     print(f"study '{study.study_name}': {len(study.trials)} trials so far, running "
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "

@@ -1,6 +1,7 @@
 """A failed or interrupted trial leaves the study and the MLflow runs consistent and resumable."""
 
 import optuna
+import torch
 from mlflow import MlflowClient
 
 import kdsearch.trial
@@ -79,3 +80,11 @@ def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
     trial = load(workdir).trials[0]
     assert trial.state == State.FAIL and "training loss became nan" in trial.user_attrs["fail_reason"]
 
+
+
+def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
+    monkeypatch.setattr(kdsearch.trial, "train", failing_train({1}, torch.OutOfMemoryError("CUDA out of memory")))
+    assert main(["run-study", "--n-trials", "2", *FAST]) == 0
+    study = load(workdir)
+    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
+    assert study.trials[0].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory"
