@@ -88,7 +88,7 @@ class SearchConfig:
     max_params: int = 0  # 0: no limit; a student above it is rejected before training
     max_latency_ms: float = 0.0  # 0: no limit
     pruner: str = "auto"  # auto: dominated in pareto mode, median in budget mode
-    prune_margin: float = 0.02  # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
+    prune_margin: float = 0.05  # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
     baselines: bool = True  # enqueue a reference student without distillation (alpha = 0) and its distilled twin
     heartbeat_interval: int = 30  # seconds between a worker's heartbeats (RDB storage other than SQLite)
     grace_period: int = 90  # seconds without a heartbeat after which a trial's worker counts as dead
