@@ -223,7 +223,8 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     callbacks = [print_progress(until_complete or cfg.search.n_trials, time.time()), release_memory_after_failure,
                  failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
-    print(f"study '{study.study_name}': {len(study.trials)} trials so far, running "
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    print(f"study '{study.study_name}': {finished} trials so far, running "
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "
           f"on {session.device}", flush=True)
     try:
