@@ -100,17 +100,15 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
 def _log_model(client: MlflowClient, run_id: str, model: nn.Module, example: torch.Tensor, card: Path) -> None:
     """An MLflow model on the trial's run (ready for `mlflow.register_model`), the run left as it was."""
     import mlflow.pytorch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     status = client.get_run(run_id).info.status
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(client.tracking_uri)  # the fluent API below logs where the client points
-    try:
-        with warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
-            warnings.simplefilter("ignore")
-            mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
-            mlflow.log_artifact(str(card), artifact_path="export")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # The fluent API logs to the global tracking URI (and mlflow.set_tracking_uri also sets the environment
+    # variable); MLflow's own context manager points it at the client's store and restores both afterwards.
+    with _use_tracking_uri(client.tracking_uri), warnings.catch_warnings(), mlflow.start_run(run_id=run_id):
+        warnings.simplefilter("ignore")
+        mlflow.pytorch.log_model(model, name="model", input_example=example.numpy())
+        mlflow.log_artifact(str(card), artifact_path="export")
     client.set_terminated(run_id, status)
 
 

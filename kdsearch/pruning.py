@@ -61,6 +61,9 @@ class OptunaPruner(NoPruner):
             raise Pruned(f"{type(trial.study.pruner).__name__}: val_acc {val_acc:.4f} after epoch {epoch}")
 
 
+LATENCY_NOISE = 0.10  # latencies this close count as equal: the same architecture measures up to ~8% apart
+
+
 class DominatedPruner(NoPruner):
     """Pareto mode: stop a trial whose cost is dominated by a front trial's and whose accuracy trails it."""
 
@@ -69,8 +72,9 @@ class DominatedPruner(NoPruner):
         self.rivals: list[optuna.trial.FrozenTrial] = []
 
     def before_training(self, trial: optuna.Trial, cost: dict) -> None:
+        slowest = cost["latency_ms"] * (1 + LATENCY_NOISE)
         self.rivals = [t for t in trial.study.best_trials if "val_acc_history" in t.user_attrs
-                       and t.values[1] <= cost["params"] and t.values[2] <= cost["latency_ms"]]
+                       and t.values[1] <= cost["params"] and t.values[2] <= slowest]
 
     def after_epoch(self, trial: optuna.Trial, epoch: int, val_acc: float) -> None:
         for rival in self.rivals:

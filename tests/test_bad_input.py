@@ -1,6 +1,7 @@
 """Bad input: one line naming the problem and the fix, exit status 2, no traceback, nothing half-made."""
 
 import pytest
+from helpers import fast
 
 from kdsearch import KdsearchError
 from kdsearch.cli import main
@@ -80,8 +81,7 @@ def test_errors_are_our_type(tmp_path):
         load_study(tmp_path / "nope.toml")
 
 
-FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=1", "--set", "latency.min_run_time=0.02", "--set", "search.pruner='none'"]
+FAST = fast()
 
 
 @pytest.mark.parametrize("override, expected", [

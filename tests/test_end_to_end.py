@@ -5,13 +5,13 @@ import json
 import optuna
 import pandas as pd
 import pytest
+from helpers import fast, study_in_new_folder
 from mlflow import MlflowClient
 
 import kdsearch.teacher
 from kdsearch.cli import main
 
-FAST = ["--set", "teacher.epochs=2", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=2", "--set", "latency.min_run_time=0.02", "--set", "search.pruner=none"]
+FAST = fast(distill_epochs=2, teacher_epochs=2)
 TRIAL_METRICS = {"val_acc", "test_acc", "params", "flops", "latency_ms", "train_loss"}
 
 
@@ -23,11 +23,7 @@ def dominated(row, others) -> bool:
 
 @pytest.fixture(scope="module")
 def first_study(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("e2e")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        assert main(["run-study", "--n-trials", "3", *FAST]) == 0
+    with study_in_new_folder(tmp_path_factory, "e2e", ["--n-trials", "3", *FAST]) as folder:
         yield folder
 
 

@@ -1,12 +1,14 @@
 """Export: the files give the trained student's predictions, the card says what it is, MLflow holds the model."""
 
 import json
+import os
 
 import numpy as np
 import onnxruntime
 import optuna
 import pytest
 import torch
+from helpers import fast, study_in_new_folder
 from mlflow import MlflowClient
 
 from kdsearch import KdsearchError
@@ -16,17 +18,10 @@ from kdsearch.data import load_dataset
 from kdsearch.distill import Normalizer, predict_logits
 from kdsearch.export import choose_trial, load_student
 
-FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=2", "--set", "latency.min_run_time=0.02", "--set", "search.pruner=none"]
-
 
 @pytest.fixture(scope="module")
 def study_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("export")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        assert main(["run-study", "--n-trials", "4", *FAST]) == 0
+    with study_in_new_folder(tmp_path_factory, "export", ["--n-trials", "4", *fast(distill_epochs=2)]) as folder:
         yield folder
 
 
@@ -45,6 +40,7 @@ def test_choose_trial_picks_the_most_accurate_within_the_bound(study_folder):
 def test_exported_files_predict_like_the_student(study_folder, monkeypatch, capsys):
     monkeypatch.chdir(study_folder)
     assert main(["export", "--study-name", "digits", "--trial", "2"]) == 0
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left MLflow's global tracking URI alone
     out = study_folder / "exports" / "digits" / "trial-2"
     client = MlflowClient(f"sqlite:///{study_folder}/mlflow.db")
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{study_folder}/optuna.db")

@@ -2,13 +2,13 @@
 
 import optuna
 import torch
+from helpers import fast
 from mlflow import MlflowClient
 
 import kdsearch.trial
 from kdsearch.cli import main
 
-FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=1", "--set", "latency.min_run_time=0.02", "--set", "search.pruner=none"]
+FAST = fast()
 State = optuna.trial.TrialState
 
 

@@ -2,14 +2,14 @@
 
 import optuna
 import pytest
+from helpers import fast
 from mlflow import MlflowClient
 
 from kdsearch.cli import main
 from kdsearch.config import SearchConfig
 from kdsearch.pruning import DominatedPruner, Pruned, limit_reason, limit_violations
 
-FAST = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=2", "--set", "latency.min_run_time=0.02"]
+FAST = fast(distill_epochs=2, pruner=None)
 State = optuna.trial.TrialState
 
 
@@ -48,6 +48,15 @@ def test_dominated_pruner_stops_a_costlier_trial_that_trails():
     with pytest.raises(Pruned, match="trails trial 0") as info:
         pruner.after_epoch(None, 2, 0.84)  # trails 0.90 by 0.06
     assert info.value.by_trial == 0
+
+
+def test_latency_within_measurement_noise_counts_as_equal():
+    study = front_study([([0.90, 1000, 0.105], [0.70, 0.90])])
+    pruner = DominatedPruner(margin=0.0)
+    pruner.before_training(FakeTrial(study), {"params": 1000, "latency_ms": 0.100})  # 5% faster: same cost
+    assert [t.number for t in pruner.rivals] == [0]
+    pruner.before_training(FakeTrial(study), {"params": 1000, "latency_ms": 0.090})  # 14% faster: a real gain
+    assert pruner.rivals == []
 
 
 def test_dominated_pruner_spares_a_cheaper_trial():

@@ -8,12 +8,12 @@ import time
 
 import optuna
 import pytest
+from helpers import fast
 from mlflow import MlflowClient
 from services import start_mlflow_server, start_postgres
 
-TINY = ["--set", "teacher.epochs=1", "--set", "teacher.width=8", "--set", "teacher.depth=2",
-        "--set", "distill.epochs=12", "--set", "latency.min_run_time=0.02", "--set", "search.pruner='none'",
-        "--set", "search.baselines=false", "--set", "search.heartbeat_interval=1", "--set", "search.grace_period=3"]
+TINY = [*fast(distill_epochs=12), "--set", "search.baselines=false", "--set", "search.heartbeat_interval=1",
+        "--set", "search.grace_period=3"]
 N_TRIALS = 8
 State = optuna.trial.TrialState
 
