@@ -13,13 +13,13 @@ import optuna
 from kdsearch.config import SearchConfig
 
 
-def limit_violations(cost: dict, search: SearchConfig) -> list[float]:
-    """Optuna-style constraint values (<= 0 is feasible), one per limit set in the study file."""
-    values = []
+def limit_violations(cost: dict, search: SearchConfig) -> dict[str, float]:
+    """Optuna constraint values (<= 0 is feasible), one per limit set in the study file."""
+    values = {}
     if search.max_params:
-        values.append(cost["params"] - search.max_params)
+        values["params_over_limit"] = cost["params"] - search.max_params
     if search.max_latency_ms:
-        values.append(cost["latency_ms"] - search.max_latency_ms)
+        values["latency_ms_over_limit"] = cost["latency_ms"] - search.max_latency_ms
     return values
 
 
@@ -30,10 +30,6 @@ def limit_reason(cost: dict, search: SearchConfig) -> str | None:
         return (f"rejected before training: latency {cost['latency_ms']:.3f} ms above max_latency_ms "
                 f"{search.max_latency_ms}")
     return None
-
-
-def constraints_func(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return trial.user_attrs["constraints"]
 
 
 class Pruned(optuna.TrialPruned):

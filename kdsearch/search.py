@@ -1,7 +1,7 @@
 """The Optuna study: open or resume it, wire it to MLflow, run its trials (see `trial.py`), report the front.
 
 Pareto mode maximises val_acc and minimises params and latency_ms; budget mode maximises val_acc under the study
-file's limits, which reach the sampler through Optuna's `constraints_func`.
+file's limits, which reach the sampler as constraints each trial sets.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
-from kdsearch.pruning import constraints_func, limit_violations, study_pruner
+from kdsearch.pruning import study_pruner
 from kdsearch.storage import open_storage, stale_trial_callback
 from kdsearch.teacher import Teacher, get_teacher
 from kdsearch.trial import StudyContext, objective
@@ -46,18 +46,16 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """The study file's sampler; the limits, when there are any, reach it as constraints."""
-    limits = {"constraints_func": constraints_func} if limit_violations({"params": 0, "latency_ms": 0},
-                                                                          cfg.search) else {}
+    """The study file's sampler. The limits reach it as constraints that each trial sets (`trial.set_constraint`)."""
     name = cfg.search.sampler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, **limits)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
         if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, **limits)
+            return optuna.samplers.NSGAIISampler(seed=seed)
         if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, **limits)
+            return optuna.samplers.GPSampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
 
 

@@ -40,7 +40,9 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
     heartbeat = {} if is_sqlite(url) else {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
                                            "heartbeat_stale_trial_callback": on_stale}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
     except Exception as e:  # sqlalchemy's many connection and URL errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KdsearchError(f"cannot open Optuna storage {url!r} ({first}): check the --storage URL and that the "

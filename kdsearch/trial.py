@@ -75,7 +75,8 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
         trial.set_user_attr(key, cost[key])
     trial.set_user_attr("channels", arch.channels())
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("constraints", limit_violations(cost, cfg.search))
+    for name, value in limit_violations(cost, cfg.search).items():
+        trial.set_constraint(name, value)  # the sampler steers away from students over a limit
     pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search)
     with timer("tracking"):
         run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,

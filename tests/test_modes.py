@@ -19,8 +19,9 @@ def load(folder):
 
 def test_limits_as_constraint_values_and_reasons():
     search = SearchConfig(max_params=1000, max_latency_ms=0.5)
-    assert limit_violations({"params": 1200, "latency_ms": 0.25}, search) == [200, -0.25]
-    assert limit_violations({"params": 5, "latency_ms": 9.0}, SearchConfig()) == []
+    assert limit_violations({"params": 1200, "latency_ms": 0.25}, search) == {"params_over_limit": 200,
+                                                                              "latency_ms_over_limit": -0.25}
+    assert limit_violations({"params": 5, "latency_ms": 9.0}, SearchConfig()) == {}
     assert "1,200 parameters above max_params 1,000" in limit_reason({"params": 1200, "latency_ms": 0.1}, search)
     assert "latency 0.600 ms above max_latency_ms 0.5" in limit_reason({"params": 10, "latency_ms": 0.6}, search)
     assert limit_reason({"params": 1000, "latency_ms": 0.5}, search) is None
@@ -79,7 +80,8 @@ def test_budget_mode_rejects_big_students_before_training(workdir):
             assert "val_acc_history" not in t.user_attrs  # no training happened
         else:
             assert t.state == State.COMPLETE and len(t.user_attrs["val_acc_history"]) == 2
-        assert t.user_attrs["constraints"] == [t.user_attrs["params"] - 1500]
+        constraint = [v for k, v in t.system_attrs.items() if k.endswith(":params_over_limit")]
+        assert constraint == [t.user_attrs["params"] - 1500]  # set with trial.set_constraint
     assert {t.state for t in study.trials} == {State.PRUNED, State.COMPLETE}
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     for t in study.trials:
