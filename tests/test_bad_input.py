@@ -31,6 +31,7 @@ def run_cli(capsys, *args):
     (GOOD.replace("[1.0, 10.0]", "[10.0, 1.0]"),
      "distill.temperature = [10.0, 1.0]: low is above high; write [1.0, 10.0]"),
     (GOOD.replace("[1.0, 10.0]", "3"), "distill.temperature = 3: expected a range [low, high]"),
+    (GOOD.replace("[1.0, 10.0]", "[]"), "distill.temperature = []: expected a range [low, high]"),
     (GOOD.replace('"digits"', '"svhn"'), "data.dataset = 'svhn' is unknown: use one of digits, mnist"),
     (GOOD + "[search]\nsampler = \"cmaes\"\n", "search.sampler = 'cmaes' is unknown: use one of tpe, nsga2, random"),
     (GOOD + "[search]\nn_trials = \"many\"\n", "search.n_trials = 'many': expected an integer"),

@@ -88,3 +88,13 @@ def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory"
+
+
+def test_journal_file_storage_runs_and_resumes(workdir):
+    journal = f"journal:{workdir / 'studies.journal'}"
+    assert main(["run-study", "--n-trials", "2", "--storage", journal, *FAST]) == 0
+    assert main(["run-study", "--n-trials", "1", "--storage", journal, *FAST]) == 0
+    from kdsearch.storage import open_storage
+
+    study = optuna.load_study(study_name="digits", storage=open_storage(journal))
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 3

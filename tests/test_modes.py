@@ -115,3 +115,20 @@ def test_pareto_pruning_stops_trials_a_front_trial_dominates(workdir):
         assert rival.user_attrs["val_acc_history"][epoch - 1] > t.user_attrs["val_acc_history"][-1]
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.data.tags["optuna.trial_state"] == "PRUNED" and "trails trial" in run.data.tags["kdsearch.reason"]
+
+
+@pytest.mark.parametrize("name, cls", [("tpe", optuna.samplers.TPESampler), ("nsga2", optuna.samplers.NSGAIISampler),
+                                       ("random", optuna.samplers.RandomSampler), ("gp", optuna.samplers.GPSampler)])
+def test_every_sampler_name_gives_optunas_sampler(name, cls):
+    from kdsearch.config import StudyConfig
+    from kdsearch.search import make_sampler
+
+    cfg = StudyConfig()
+    cfg = cfg.replace(search=SearchConfig(sampler=name))
+    assert isinstance(make_sampler(cfg, seed=0), cls)
+
+
+def test_gp_sampler_runs_a_pareto_study(workdir):
+    args = ["run-study", "--n-trials", "3", *FAST, "--set", "search.sampler='gp'", "--set", "search.pruner='none'"]
+    assert main(args) == 0
+    assert [t.state for t in load(workdir).trials] == [State.COMPLETE] * 3
