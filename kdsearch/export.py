@@ -71,7 +71,7 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
     config = study.user_attrs["config"]
     data = study.user_attrs["data"]
     model = Deployable(student, data["mean"], data["std"]).eval()
-    example = torch.rand(1, *data["input_shape"]) * 255
+    example = torch.rand(2, *data["input_shape"]) * 255  # batch 2: a batch of 1 would pin the ONNX batch size
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"torchscript": out_dir / "student.ts", "onnx": out_dir / "student.onnx", "card": out_dir / "card.json"}
     with warnings.catch_warnings():
