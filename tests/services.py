@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,18 +44,18 @@ def start_postgres() -> tuple[str, callable] | None:
     return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", stop
 
 
-def start_mlflow_server(folder: Path) -> tuple[str, subprocess.Popen]:
+def start_mlflow_server(folder: Path) -> tuple[str, callable]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
             urllib.request.urlopen(f"{url}/health", timeout=1)
-            return url, proc
+            return url, lambda: os.killpg(proc.pid, signal.SIGKILL)  # the server's uvicorn and job workers too
         except OSError:
             time.sleep(0.5)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     raise RuntimeError("mlflow server did not start within 60 s")

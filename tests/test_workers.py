@@ -34,9 +34,9 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory):
-    url, proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    url, stop = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield url
-    proc.kill()
+    stop()
 
 
 def kill_a_worker_mid_trial(study_name: str, storage: str, parent_pid: int, timeout: float = 120) -> int:
