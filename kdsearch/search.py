@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
-from kdsearch import KdsearchError, tracking
+from kdsearch import KdsearchError, __version__, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
@@ -137,8 +138,19 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     study.set_user_attr("data", {"mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
                                  "num_classes": data.num_classes})
     tracking.log_values(client, study_run_id, tags={"kdsearch.teacher_run_id": teacher_run_id})
-    tracking.log_json(client, study_run_id, "config.json", cfg.to_dict())
+    tracking.log_json(client, study_run_id, "config.json", {**cfg.to_dict(), "kdsearch_version": __version__,
+                                                             "git_commit": git_commit()})
     return exp_id, study_run_id
+
+
+def git_commit() -> str | None:
+    """The commit of the kdsearch checkout this runs from, when it runs from one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
 
 
 def print_progress(total: int, started: float):

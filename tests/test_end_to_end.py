@@ -60,6 +60,9 @@ def test_mlflow_has_study_run_nested_trials_and_teacher(first_study):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["student.pt"]
     assert {"val_acc", "test_acc", "params", "latency_ms"} <= set(teacher_run.data.metrics)
+    config = client.download_artifacts(study_run.info.run_id, "config.json", str(first_study / "dl"))
+    logged = json.loads(open(config).read())
+    assert logged["distill"]["epochs"] == 2 and logged["kdsearch_version"] and "git_commit" in logged
     report = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
     assert report == {f"report/{name}" for name in
                       ("pareto.csv", "pareto.html", "pareto.png", "search.html", "kd_gain.json")}
