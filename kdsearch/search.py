@@ -239,7 +239,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
           f"on {session.device}", flush=True)
     try:
         if until_complete:
-            run_until_complete(session, until_complete, callbacks)
+            run_until_complete(session, until_complete, callbacks, failures)
         else:
             study.optimize(lambda trial: objective(session.ctx, trial), n_trials=cfg.search.n_trials,
                            timeout=cfg.search.timeout or None, catch=(Exception,), callbacks=callbacks)
@@ -256,11 +256,12 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     return study
 
 
-def run_until_complete(session: Session, target: int, callbacks: list, poll_s: float = 1.0) -> None:
-    """One of several workers: take trials until the study holds `target` complete ones. While the trials
-    running elsewhere would reach the target, wait, and let the heartbeat find any whose worker died."""
+def run_until_complete(session: Session, target: int, callbacks: list, failures, poll_s: float = 1.0) -> None:
+    """One of several workers: take trials until the study holds `target` complete ones (or `failures` stops
+    it). While the trials running elsewhere would reach the target, wait, and let the heartbeat find any whose
+    worker died."""
     study = session.study
-    while not getattr(callbacks[-1], "reason", None):
+    while not failures.reason:
         optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]
         complete, running, waiting = (states.count(s) for s in (COMPLETE, RUNNING, WAITING))
