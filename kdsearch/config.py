@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 MODES = ("pareto", "budget")
+LATENCY_DTYPES = ("float32", "bfloat16", "float16")
 PRUNERS = ("auto", "none", "dominated", "median", "hyperband")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 ARCHITECTURES = ("convnet",)
@@ -99,6 +100,7 @@ class LatencyConfig:
     device: str = "cpu"
     threads: int = 1
     batch_size: int = 1
+    dtype: str = "float32"  # float32, bfloat16 or float16 (float16 on CUDA only)
     min_run_time: float = 0.2  # seconds of timing per measurement, after warm-up
 
 
@@ -247,5 +249,8 @@ def check_values(c: StudyConfig, where: str) -> None:
     if c.search.pruner == "dominated" and c.search.mode == "budget":
         raise KdsearchError(f"{where}: search.pruner = 'dominated' is for the Pareto mode: use 'median' or "
                             "'hyperband' in budget mode")
+    if c.latency.dtype not in LATENCY_DTYPES or (c.latency.dtype == "float16" and c.latency.device == "cpu"):
+        raise KdsearchError(f"{where}: latency.dtype = {c.latency.dtype!r}: use float32 or bfloat16 "
+                            "(float16 with a cuda latency.device)")
     if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
         raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")

@@ -47,13 +47,13 @@ class Latency:
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
     """Median time of one forward pass of a batch, with torch.utils.benchmark (warm-up, CUDA sync, fixed threads)."""
-    device = torch.device(cfg.device)
-    model = copy.deepcopy(model).to(device, memory_format=torch.contiguous_format).eval()
-    x = torch.randn(cfg.batch_size, *input_shape, device=device)
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    model = copy.deepcopy(model).to(device, dtype, memory_format=torch.contiguous_format).eval()
+    x = torch.randn(cfg.batch_size, *input_shape, device=device, dtype=dtype)
     with torch.inference_mode():
         model(x)  # warm-up outside the timed region
         timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=cfg.threads)
         m = timer.blocked_autorange(min_run_time=cfg.min_run_time)
     iqr = m.iqr if len(m.times) >= 4 else 0.0
     return Latency(median_ms=m.median * 1e3, iqr_ms=iqr * 1e3, device=cfg.device, threads=cfg.threads,
-                   batch_size=cfg.batch_size)
+                   batch_size=cfg.batch_size, dtype=cfg.dtype)

@@ -89,6 +89,7 @@ FAST = fast()
     ("search.pruner='sometimes'", "search.pruner = 'sometimes' is unknown: use one of auto, none"),
     ("teacher.arch='resnet'", "teacher.arch = 'resnet' is unknown: use one of convnet"),
     ("search.pruner='median'", "needs one objective: use search.mode = 'budget'"),
+    ("latency.dtype='float16'", "latency.dtype = 'float16': use float32 or bfloat16"),
 ])
 def test_unknown_pruner_architecture_and_mismatched_pruner(workdir, capsys, override, expected):
     code, err = run_cli(capsys, "--set", override)

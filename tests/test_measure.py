@@ -50,6 +50,11 @@ def test_latency_reports_its_settings():
     assert (lat.device, lat.threads, lat.batch_size, lat.dtype) == ("cpu", 1, 1, "float32")
 
 
+def test_latency_in_bfloat16_says_so():
+    lat = measure_latency(build_model(ARCH, 8), (1, 8, 8), LatencyConfig(min_run_time=0.05, dtype="bfloat16"))
+    assert lat.median_ms > 0 and lat.dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_every_depth_reduces_8x8_inputs(depth):
     import torch
