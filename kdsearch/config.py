@@ -46,6 +46,7 @@ class DataConfig:
     test_fraction: float = 0.2  # only for datasets without an official test split (digits, imagefolder)
     image_size: int = 32  # imagefolder only: images are resized to this square
     augment: str = "none"  # batched on the device: random crop with 4-pixel padding, and horizontal flip
+    memory_gb: float = 0.0  # imagefolder: larger datasets stream from disk; 0: half the available memory
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def check_values(c: StudyConfig, where: str) -> None:
                        "teacher.weight_decay": c.teacher.weight_decay,
                        "distill.weight_decay": c.distill.weight_decay, "engine.threads": c.engine.threads,
                        "search.max_params": c.search.max_params, "search.max_latency_ms": c.search.max_latency_ms,
-                       "search.prune_margin": c.search.prune_margin}.items():
+                       "search.prune_margin": c.search.prune_margin, "data.memory_gb": c.data.memory_gb}.items():
         if value < 0:
             raise KdsearchError(f"{where}: {key} = {value} must not be negative")
     if not (0 <= c.distill.alpha[0] and c.distill.alpha[1] <= 1):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsearch.data import Split, augment_batch
+from kdsearch.data import Split, StreamingSplit, augment_batch
 from kdsearch.engine import autocast, no_timer
 
 
@@ -84,16 +84,15 @@ def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, set
     n = len(train_set)
     batch_size = min(settings.batch_size, n)
     steps = n // batch_size
-    device = train_set.x.device
-    order = torch.randperm(n, generator=gen, device=device)
+    device = train_set.y.device
+    order = torch.randperm(n, generator=gen, device=device)[:steps * batch_size]  # the incomplete tail is dropped
     loss_sum = torch.zeros((), device=device)
-    for step in range(steps):
-        idx = order[step * batch_size:(step + 1) * batch_size]
-        inputs = normalize(augment_batch(train_set.x[idx], settings.augment, gen))
+    for idx, images, labels in train_set.batches(order, batch_size):
+        inputs = normalize(augment_batch(images, settings.augment, gen))
         with autocast(device):
             logits = model(inputs).float()
             targets = _teacher_logits(teacher, idx, inputs) if settings.alpha > 0 else None
-        loss = kd_loss(logits, targets, train_set.y[idx], settings.temperature, settings.alpha)
+        loss = kd_loss(logits, targets, labels, settings.temperature, settings.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -119,7 +118,7 @@ def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normali
         raise ValueError("cached teacher logits do not match augmented images: pass the teacher model")
     steps_per_epoch = len(train_set) // min(settings.batch_size, len(train_set))
     opt, sched = make_optimizer(model, settings, settings.epochs * steps_per_epoch)
-    gen = torch.Generator(device=train_set.x.device).manual_seed(settings.seed)
+    gen = torch.Generator(device=train_set.y.device).manual_seed(settings.seed)
     val_acc = float("nan")
     for epoch in range(1, settings.epochs + 1):
         train_loss = distill_epoch(model, train_set, normalize, settings, teacher, opt, sched, gen).item()
@@ -139,6 +138,15 @@ def predict_logits(model: nn.Module, x: torch.Tensor, normalize: Normalizer, bat
     return torch.cat([model(normalize(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(model: nn.Module, split: Split, normalize: Normalizer) -> float:
-    logits = predict_logits(model, split.x, normalize)
+@torch.inference_mode()
+def split_logits(model: nn.Module, split: Split | StreamingSplit, normalize: Normalizer,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Logits of every image of a split, in its order, whether it is held in memory or streamed."""
+    model.eval()
+    order = torch.arange(len(split), device=split.y.device)
+    return torch.cat([model(normalize(x)) for _, x, _ in split.batches(order, batch_size)])
+
+
+def accuracy(model: nn.Module, split: Split | StreamingSplit, normalize: Normalizer) -> float:
+    logits = split_logits(model, split, normalize)
     return (logits.argmax(dim=1) == split.y).float().mean().item()

@@ -18,7 +18,7 @@ from torch import nn
 from kdsearch import KdsearchError
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
-from kdsearch.distill import Normalizer, TrainSettings, accuracy, predict_logits, train
+from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, train
 from kdsearch.engine import prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency
 from kdsearch.models import FAMILY_VERSION, Architecture, build_model
@@ -71,7 +71,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
                                  seed=cfg.seed, augment=cfg.data.augment)
         train(model, data.train.to(device), data.val.to(device), normalize, settings)
-    logits = predict_logits(model, data.train.x.to(device), normalize)
+    logits = split_logits(model, data.train.to(device), normalize)
     metrics = {
         "val_acc": accuracy(model, data.val.to(device), normalize),
         "test_acc": accuracy(model, data.test.to(device), normalize),

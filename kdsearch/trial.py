@@ -63,7 +63,7 @@ def trial_seed(study_seed: int, number: int) -> int:
 def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
     """Sample, build and measure a student; reject it if it breaks a limit; distill it; log everything."""
     cfg, data = ctx.cfg, ctx.data
-    timer = PhaseTimer(data.train.x.device)
+    timer = PhaseTimer(data.train.y.device)
     hp = sample_student(trial, cfg)
     seed = trial_seed(cfg.seed, trial.number)
     torch.manual_seed(seed)
@@ -136,7 +136,7 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
     settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
                              weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
                              alpha=hp["alpha"], seed=seed, augment=cfg.data.augment)
-    prepare_model(model, ctx.data.train.x.device)
+    prepare_model(model, ctx.data.train.y.device)
     trainable = torch.compile(model) if cfg.engine.compile else model
 
     history: list[float] = []

@@ -5,7 +5,7 @@ import torch
 
 from kdsearch import KdsearchError
 from kdsearch.config import DataConfig
-from kdsearch.data import augment_batch, load_dataset
+from kdsearch.data import Split, StreamingSplit, augment_batch, load_dataset
 from kdsearch.distill import Normalizer, TrainSettings, predict_logits, train
 from kdsearch.engine import PhaseTimer
 from kdsearch.models import Architecture, build_model
@@ -85,16 +85,38 @@ def test_missing_torchvision_dataset_names_the_expected_files(tmp_path):
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path)), seed=0)
 
 
-def test_image_folder_loads_resized_uint8(tmp_path):
+def image_folder(root, per_class=5):
     from PIL import Image
 
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(5):
-            Image.new("RGB", (20 + i, 12), color=(i * 40, 10, 200)).save(tmp_path / cls / f"{i}.png")
-    data = load_dataset(DataConfig(dataset="imagefolder", data_dir=str(tmp_path), image_size=16), seed=0)
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir()
+        for i in range(per_class):
+            Image.new("RGB", (20 + i % 7, 12), color=(i * 9 % 255, 100 * c, 200 - i)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_image_folder_loads_resized_uint8(tmp_path):
+    data = load_dataset(DataConfig(dataset="imagefolder", data_dir=str(image_folder(tmp_path)), image_size=16), 0)
     assert data.input_shape == (3, 16, 16) and data.num_classes == 2
     assert len(data.train) + len(data.val) + len(data.test) == 10 and data.train.x.dtype == torch.uint8
+
+
+def test_a_folder_over_the_memory_budget_streams_and_trains_the_same(tmp_path, capsys):
+    folder = str(image_folder(tmp_path, per_class=40))
+    held = load_dataset(DataConfig(dataset="imagefolder", data_dir=folder, image_size=8), seed=0)
+    streamed = load_dataset(DataConfig(dataset="imagefolder", data_dir=folder, image_size=8, memory_gb=1e-6), 0)
+    assert "streaming them from disk with" in capsys.readouterr().out
+    assert isinstance(streamed.train, StreamingSplit) and isinstance(held.train, Split)
+    assert torch.equal(streamed.test.y, held.test.y) and streamed.input_shape == held.input_shape
+    norm = Normalizer(held.mean, held.std, "cpu")
+    settings = TrainSettings(epochs=2, lr=0.05, batch_size=16, seed=3, augment="crop")
+    weights = []
+    for data in (held, streamed):
+        torch.manual_seed(0)
+        model = build_model(Architecture(3, 2, 4, 2), 8)
+        train(model, data.train, data.val, norm, settings)
+        weights.append(list(model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
 
 
 def test_phase_timer_takes_nested_phases_out():
