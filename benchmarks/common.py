@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import tempfile
@@ -38,7 +39,7 @@ def timed_study(cfg: StudyConfig) -> tuple[optuna.Study, float]:
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         os.chdir(tmp)
         try:
-            quick = cfg.replace(search=cfg.search.__class__(**{**cfg.search.__dict__, "n_trials": 1}))
+            quick = cfg.replace(search=dataclasses.replace(cfg.search, n_trials=1))
             run_study(quick, study_name="warm-up", cache_dir=CACHE)  # teacher into the cache, imports warm
             start = time.perf_counter()
             study = run_study(cfg, cache_dir=CACHE)

@@ -114,26 +114,20 @@ def cmd_run_study(args: argparse.Namespace) -> None:
     if args.workers > 1:
         from kdsearch.workers import run_workers
 
-        run_workers(cfg, args.workers, _worker_args(args, study_file, overrides), **common)
+        run_workers(cfg, args.workers, _worker_args(args, study_file, overrides, cfg.name), **common)
     else:
         run_study(cfg, until_complete=args.until_complete, report=not args.until_complete, **common)
 
 
-def _worker_args(args: argparse.Namespace, study_file: Path, overrides: list[str]) -> list[str]:
+def _worker_args(args: argparse.Namespace, study_file: Path, overrides: list[str], name: str) -> list[str]:
     """The command line of one worker: the same study, stores and overrides."""
     out = [str(study_file.resolve()), "--storage", args.storage, "--cache-dir", args.cache_dir,
-           "--study-name", args.study_name or load_name(study_file, overrides)]
+           "--study-name", args.study_name or name]
     if args.tracking_uri:
         out += ["--tracking-uri", args.tracking_uri]
     for item in overrides:
         out += ["--set", item]
     return out
-
-
-def load_name(study_file: Path, overrides: list[str]) -> str:
-    from kdsearch.config import load_study
-
-    return load_study(study_file, overrides).name
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -114,8 +114,8 @@ def _comparable(cfg: StudyConfig) -> dict:
 def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path) -> tuple[Dataset, Teacher, Normalizer]:
     """Data on the device and the teacher with its cached logits: checked before any study is created."""
     data = load_dataset(cfg.data, cfg.seed)
-    teacher = get_teacher(cfg, data, device, cache_dir)
     data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
+    teacher = get_teacher(cfg, data, device, cache_dir)  # its own .to(device) calls are no-ops now
     return data, teacher, Normalizer(data.mean, data.std, device)
 
 
@@ -127,14 +127,12 @@ def teacher_figures(teacher: Teacher) -> dict:
 def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher: Teacher, client: MlflowClient
                    ) -> tuple[str, str]:
     exp_id = tracking.experiment_id(client, study.study_name)
-    t = cfg.teacher
-    teacher_params = {"arch": t.arch, "width": t.width, "depth": t.depth, "convs_per_stage": t.convs_per_stage,
-                      "epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size, "checkpoint": t.checkpoint,
-                      "dataset": cfg.data.dataset, "seed": cfg.seed}
-    teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, teacher_figures(teacher))
+    teacher_params = {**dataclasses.asdict(cfg.teacher), "dataset": cfg.data.dataset, "seed": cfg.seed}
+    figures = teacher_figures(teacher)
+    teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures)
     study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", study_run_id)
-    study.set_user_attr("teacher", {**teacher_figures(teacher), "mlflow_run_id": teacher_run_id})
+    study.set_user_attr("teacher", {**figures, "mlflow_run_id": teacher_run_id})
     study.set_user_attr("data", {"mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
                                  "num_classes": data.num_classes})
     tracking.log_values(client, study_run_id, tags={"kdsearch.teacher_run_id": teacher_run_id})

@@ -30,7 +30,6 @@ class Teacher:
     train_logits: torch.Tensor  # [N_train, classes], on the training device
     metrics: dict  # val_acc, test_acc, params, flops, latency_ms
     key: str
-    path: Path  # the cache folder
 
     def targets(self, augment: str) -> torch.Tensor | nn.Module:
         """What the distillation loop needs: the cached logits, or the model itself when images are augmented."""
@@ -62,7 +61,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         model = _load_cached(folder, cfg, data)
         metrics = json.loads((folder / "meta.json").read_text())
         logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
-        return Teacher(prepare_model(model, device).eval(), logits, metrics, key, folder)
+        return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = prepare_model(_build_or_load(cfg, data), device)
@@ -81,7 +80,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "seconds": time.perf_counter() - started,  # training, logit cache and measurement, paid once
     }
     _save(folder, model.cpu(), logits, metrics)
-    return Teacher(prepare_model(model, device).eval(), logits, metrics, key, folder)
+    return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
 
 
 def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -> None:
@@ -111,10 +110,7 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset) -> nn.Module:
 def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
     if not cfg.teacher.checkpoint:
         return build_model(teacher_arch(cfg, data), data.input_shape[1])
-    path = Path(cfg.teacher.checkpoint)
-    if not path.is_file():
-        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty "
-                            "to train one")
+    path = Path(cfg.teacher.checkpoint)  # teacher_key has checked that it exists
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError:

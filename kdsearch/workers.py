@@ -38,9 +38,12 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     done = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
     target = done + cfg.search.n_trials
     print(f"starting {workers} workers until study '{study.study_name}' holds {target} complete trials", flush=True)
-    procs = [subprocess.Popen([sys.executable, "-m", "kdsearch", "run-study", *worker_args,
-                               "--until-complete", str(target), *_worker_settings(i, workers)],
-                              env=_worker_env(i)) for i in range(workers)]
+    procs = []
+    for i in range(workers):
+        procs.append(subprocess.Popen([sys.executable, "-m", "kdsearch", "run-study", *worker_args,
+                                       "--until-complete", str(target), *_worker_settings(i, workers)],
+                                      env=_worker_env(i)))
+        time.sleep(0.3)  # stagger the starts: fewer workers race for the same next trial
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -74,5 +77,4 @@ def _worker_env(index: int) -> dict[str, str]:
     if count > 1:
         env["CUDA_VISIBLE_DEVICES"] = str(index % count)
     env["KDSEARCH_WORKER"] = str(index)
-    time.sleep(0.3)  # stagger the starts: fewer workers race for the same next trial
     return env
