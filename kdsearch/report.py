@@ -102,7 +102,8 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
     if client is not None and run_id:
         for path in paths:
             client.log_artifact(run_id, str(path), artifact_path="report")
-    print(f"Pareto front of '{study.study_name}': {len(front)} of {len(trials_frame(study))} complete trials")
+    print(f"Pareto front of '{study.study_name}': {len(front)} of "
+          f"{len(study.get_trials(deepcopy=False, states=[COMPLETE]))} complete trials")
     if len(front):
         print(front[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     gain = kd_gain(study)
