@@ -39,9 +39,17 @@ def tracking_server(tmp_path_factory):
     stop()
 
 
-def kill_a_worker_mid_trial(study_name: str, storage: str, parent_pid: int, timeout: float = 120) -> int:
+def kill_a_worker_mid_trial(study_name: str, url: str, parent_pid: int, timeout: float = 120) -> int:
     """SIGKILL the worker of a trial that has been running for a while; return that trial's number."""
-    deadline = time.time() + timeout
+    storage = optuna.storages.RDBStorage(url)  # one engine for the whole poll: a new one each time leaks connections
+    try:
+        return _kill_when_running(study_name, storage, parent_pid, time.time() + timeout)
+    finally:
+        storage.engine.dispose()
+
+
+def _kill_when_running(study_name: str, storage: optuna.storages.RDBStorage, parent_pid: int,
+                       deadline: float) -> int:
     while time.time() < deadline:
         try:
             study = optuna.load_study(study_name=study_name, storage=storage)
