@@ -99,13 +99,13 @@ def start_trial_run(client: MlflowClient, exp_id: str, study_run_id: str, study_
 
 
 def end_trial_run(client: MlflowClient, run_id: str, state: str, reason: str = "",
-                  interrupted: bool = False) -> None:
+                  interrupted: bool = False, metrics: dict | None = None) -> None:
     """Close a trial's run with the Optuna state as a tag: COMPLETE -> FINISHED, FAIL -> FAILED (KILLED when the
     user interrupted it), PRUNED -> KILLED."""
     tags = {"optuna.trial_state": state}
     if reason:
         tags["kdsearch.reason"] = reason[:4000]
-    log_values(client, run_id, tags=tags)
+    log_values(client, run_id, metrics=metrics, tags=tags)
     status = "KILLED" if interrupted else {"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
     client.set_terminated(run_id, status)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -38,6 +38,7 @@ class StudyContext:
     client: MlflowClient
     experiment_id: str
     study_run_id: str
+    costs: dict = field(default_factory=dict)  # Architecture -> measure_cost's answer, measured once per process
 
 
 def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> dict:
@@ -70,7 +71,9 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     arch = student_arch(cfg, data, hp["width"], hp["depth"])
     model = build_model(arch, data.input_shape[1])
     with timer("measure"):
-        cost, latency = measure_cost(model, data.input_shape, cfg)
+        if arch not in ctx.costs:  # the same architecture costs the same: one latency per student on the front
+            ctx.costs[arch] = measure_cost(model, data.input_shape, cfg)
+        cost, latency = dict(ctx.costs[arch][0]), ctx.costs[arch][1]
     for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
         trial.set_user_attr(key, cost[key])
     trial.set_user_attr("channels", arch.channels())
@@ -99,8 +102,8 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
             tracking.log_values(ctx.client, run_id, metrics=cost, step=cfg.distill.epochs)
             _log_weights(ctx.client, run_id, model, arch, data.input_shape[1])
         trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
-        tracking.log_values(ctx.client, run_id, metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
-        tracking.end_trial_run(ctx.client, run_id, "COMPLETE")
+        tracking.end_trial_run(ctx.client, run_id, "COMPLETE",
+                               metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
     except Pruned as e:
         trial.set_user_attr("prune_reason", e.reason)
         if e.by_trial is not None:

@@ -73,6 +73,8 @@ def test_report_shows_the_kd_gain_of_the_baselines(first_study):
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
     plain, kd = study.trials[0], study.trials[1]
     assert gain["trials"] == [0, 1] and gain["val_gain"] == pytest.approx(kd.values[0] - plain.values[0])
+    assert plain.params["width"] == kd.params["width"] and plain.params["depth"] == kd.params["depth"]
+    assert plain.values[1:] == kd.values[1:]  # one architecture, measured once: same params, same latency
     page = (first_study / "reports" / "digits" / "search.html").read_text()
     assert "Hypervolume" in page and "parcoords" in page
 
