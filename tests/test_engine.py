@@ -126,3 +126,14 @@ def test_phase_timer_takes_nested_phases_out():
             sum(range(10000))
     assert set(timer.seconds) == {"outer", "inner"} and min(timer.seconds.values()) >= 0
 
+
+
+def test_the_trial_loop_freezes_long_lived_objects_and_thaws_them_even_after_an_error():
+    import gc
+
+    from kdsearch.search import long_lived_objects_frozen
+
+    with pytest.raises(RuntimeError), long_lived_objects_frozen():
+        assert gc.get_freeze_count() > 1000  # torch alone brings many thousands
+        raise RuntimeError("a trial loop that fails")
+    assert gc.get_freeze_count() == 0
