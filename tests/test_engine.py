@@ -127,7 +127,6 @@ def test_phase_timer_takes_nested_phases_out():
     assert set(timer.seconds) == {"outer", "inner"} and min(timer.seconds.values()) >= 0
 
 
-
 def test_the_trial_loop_freezes_long_lived_objects_and_thaws_them_even_after_an_error():
     import gc
 
