@@ -15,3 +15,9 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 class KdsearchError(Exception):
     """An error the user can fix: the message names what is wrong and how to fix it."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), for a one-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -21,7 +21,7 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
-from kdsearch import KdsearchError, __version__, tracking
+from kdsearch import KdsearchError, __version__, first_line, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
@@ -71,7 +71,7 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
         study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                     pruner=study_pruner(cfg.search, cfg.distill.epochs), load_if_exists=True)
     except (ValueError, optuna.exceptions.StorageInternalError) as e:
-        raise KdsearchError(f"cannot open study '{study_name}' ({str(e).splitlines()[0]}): check --storage") from None
+        raise KdsearchError(f"cannot open study '{study_name}' ({first_line(e)}): check --storage") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise KdsearchError(f"study '{study_name}' exists with other objectives: pass a new --study-name")
     wanted = _comparable(cfg)

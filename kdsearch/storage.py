@@ -13,7 +13,7 @@ from collections.abc import Callable
 import optuna
 from mlflow import MlflowClient
 
-from kdsearch import KdsearchError, tracking
+from kdsearch import KdsearchError, first_line, tracking
 
 JOURNAL = "journal:"
 
@@ -44,9 +44,8 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
     except Exception as e:  # sqlalchemy's many connection and URL errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdsearchError(f"cannot open Optuna storage {url!r} ({first}): check the --storage URL and that the "
-                            "database server is running and reachable") from None
+        raise KdsearchError(f"cannot open Optuna storage {url!r} ({first_line(e)}): check the --storage URL and "
+                            "that the database server is running and reachable") from None
 
 
 def stale_trial_callback(client: MlflowClient, max_retry: int = 2) -> Callable:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdsearch import KdsearchError
+from kdsearch import KdsearchError, first_line
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, train
@@ -120,7 +120,7 @@ def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
         except Exception as e:
             raise KdsearchError(
                 f"teacher checkpoint {path} is neither TorchScript nor a state_dict of the [teacher] architecture "
-                f"({str(e).splitlines()[0]}): check teacher.width/depth/convs_per_stage") from None
+                f"({first_line(e)}): check teacher.width/depth/convs_per_stage") from None
     _check_output(model, data, path)
     return model
 
@@ -131,7 +131,7 @@ def _check_output(model: nn.Module, data: Dataset, path: Path) -> None:
             out = model.eval()(torch.zeros(2, *data.input_shape))
     except Exception as e:
         raise KdsearchError(f"teacher checkpoint {path} does not accept images of shape {data.input_shape} "
-                            f"({str(e).splitlines()[0]}): use a teacher made for {data.name}") from None
+                            f"({first_line(e)}): use a teacher made for {data.name}") from None
     if out.shape != (2, data.num_classes):
         raise KdsearchError(f"teacher checkpoint {path} gives {tuple(out.shape)[1:]} outputs, the data has "
                             f"{data.num_classes} classes: use a teacher made for {data.name}")

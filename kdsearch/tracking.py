@@ -13,7 +13,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from kdsearch import KdsearchError
+from kdsearch import KdsearchError, first_line
 
 ROLE = "kdsearch.role"
 
@@ -32,9 +32,9 @@ def open_client(tracking_uri: str | None, study_name: str) -> MlflowClient:
         experiment_id(client, study_name)
         return client
     except Exception as e:  # MLflow wraps store, network and file errors differently per backend
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise KdsearchError(f"cannot write to the MLflow tracking store {tracking_uri or mlflow.get_tracking_uri()} "
-                            f"({first}): pass a writable --tracking-uri, or start the tracking server") from None
+                            f"({first_line(e)[:300]}): pass a writable --tracking-uri, or start the tracking "
+                            "server") from None
 
 
 def experiment_id(client: MlflowClient, study_name: str) -> str:
