@@ -195,8 +195,7 @@ class Session:
     """A process's view of a study, ready to run trials."""
 
     study: optuna.Study
-    ctx: StudyContext
-    client: MlflowClient
+    ctx: StudyContext  # ctx.client is the session's MLflow client
     device: torch.device
 
 
@@ -215,7 +214,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
                          cfg.search.grace_period)
     study = open_study(cfg, study_name or cfg.name, store)
     exp_id, study_run_id = start_tracking(cfg, study, data, teacher, client)
-    return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id), client, dev)
+    return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id), dev)
 
 
 def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
@@ -228,7 +227,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
 
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
                            cache_dir=cache_dir)
-    study, client, run_id = session.study, session.client, session.ctx.study_run_id
+    study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
     callbacks = [print_progress(until_complete or cfg.search.n_trials, time.time()), release_memory_after_failure,
                  failures]

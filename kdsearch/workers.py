@@ -41,7 +41,7 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     procs = []
     for i in range(workers):
         procs.append(subprocess.Popen([sys.executable, "-m", "kdsearch", "run-study", *worker_args,
-                                       "--until-complete", str(target), *_worker_settings(i, workers)],
+                                       "--until-complete", str(target), *_worker_settings(workers)],
                                       env=_worker_env(i)))
         time.sleep(0.3)  # stagger the starts: fewer workers race for the same next trial
     try:
@@ -51,20 +51,20 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
             p.send_signal(signal.SIGINT)
         for p in procs:
             p.wait()
-        session.client.set_terminated(session.ctx.study_run_id, "KILLED")
+        session.ctx.client.set_terminated(session.ctx.study_run_id, "KILLED")
         raise
     complete = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
-    session.client.set_terminated(session.ctx.study_run_id, "FINISHED" if complete >= target else "FAILED")
+    session.ctx.client.set_terminated(session.ctx.study_run_id, "FINISHED" if complete >= target else "FAILED")
     lost = [i for i, code in enumerate(codes) if code != 0]
     if lost:
         print(f"workers {lost} ended with an error or were killed; the others finished the study", flush=True)
-    report_study(study, Path(reports_dir), session.client)
+    report_study(study, Path(reports_dir), session.ctx.client)
     if complete < target:
         raise KdsearchError(f"only {complete} of {target} trials are complete: run the same command again to resume")
     return study
 
 
-def _worker_settings(index: int, workers: int) -> list[str]:
+def _worker_settings(workers: int) -> list[str]:
     if torch.cuda.device_count() > 0:
         return ["--device", "cuda"]
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
