@@ -190,9 +190,10 @@ def load_and_report(study_name: str, storage: str, tracking_uri: str | None, rep
 
 def load_existing_study(study_name: str, storage: str) -> optuna.Study:
     from kdsearch import KdsearchError
+    from kdsearch.storage import open_storage
 
     try:
-        return optuna.load_study(study_name=study_name, storage=storage)
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
         raise KdsearchError(f"no study '{study_name}' in {storage}: pass --study-name and --storage of a study "
                             "made by run-study") from None

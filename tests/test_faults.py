@@ -98,3 +98,4 @@ def test_journal_file_storage_runs_and_resumes(workdir):
 
     study = optuna.load_study(study_name="digits", storage=open_storage(journal))
     assert [t.state for t in study.trials] == [State.COMPLETE] * 3
+    assert main(["report", "--storage", journal]) == 0
