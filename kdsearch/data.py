@@ -194,7 +194,6 @@ def available_memory_gb() -> float:
     return 8.0
 
 
-
 def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop (zero padding of `pad` pixels) and, for 'crop-flip', random horizontal flip, for a whole
     batch at once on its device: one gather, no per-image Python."""
