@@ -31,6 +31,9 @@ from kdsearch.teacher import get_teacher
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "mnist.toml"
 
 
+REFERENCE_BATCH = 64  # as tutorials write it, and as the issue names the reference
+
+
 def reference_epoch(student, teacher, data_dir: str, settings: TrainSettings, device) -> float:
     """The plain loop; returns seconds."""
     import torchvision
@@ -38,7 +41,7 @@ def reference_epoch(student, teacher, data_dir: str, settings: TrainSettings, de
 
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     ds = torchvision.datasets.MNIST(data_dir, train=True, download=False, transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=settings.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=REFERENCE_BATCH, shuffle=True, drop_last=True)
     opt, sched = make_optimizer(student, settings, len(loader))
     student.train()
     teacher.eval()
