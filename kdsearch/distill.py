@@ -153,7 +153,8 @@ def split_logits(model: nn.Module, split: Split | StreamingSplit, normalize: Nor
 
 def accuracy(model: nn.Module, split: Split | StreamingSplit, normalize: Normalizer) -> float:
     """Top-1 accuracy under the training step's autocast, as mixed-precision training validates (on this CPU
-    1.2-2.6x faster than fp32; on MNIST at most 3 of 10,000 predictions changed)."""
+    1.2-2.6x faster than fp32; on MNIST at most 3 of 10,000 predictions changed). In bf16, batches of 512 beat 256
+    by 0-20% here."""
     with autocast(split.y.device):
-        logits = split_logits(model, split, normalize)
+        logits = split_logits(model, split, normalize, batch_size=512)
     return (logits.argmax(dim=1) == split.y).float().mean().item()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
 import time
@@ -40,6 +41,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -35,6 +35,24 @@ def student_width(base_width: int, multiplier: float) -> int:
     return max(1, round(base_width * multiplier))
 
 
+class MaxPool2x2(nn.MaxPool2d):
+    """A 2x2 max-pool. CPU inference on a batch of channels_last maps takes the maxima of four strided views: the
+    same values, without the indices that aten's kernel always writes for a backward pass (evaluation of the MNIST
+    students 1.2-2.3x faster here). Training, small batches (latency), GPUs, tracing and export use aten's kernel."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() or len(x) < 64 or x.device.type != "cpu" or torch.jit.is_tracing()
+                or torch.compiler.is_compiling() or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        v = x.permute(0, 2, 3, 1)[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+        rows = torch.maximum(v[:, :, 0], v[:, :, 1])
+        return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
+
+
 class ConvNet(nn.Module):
     def __init__(self, arch: Architecture, image_size: int):
         super().__init__()
@@ -45,7 +63,7 @@ class ConvNet(nn.Module):
             for i in range(arch.convs_per_stage):
                 layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False))
                 if i == arch.convs_per_stage - 1 and size > 1:
-                    layers.append(nn.MaxPool2d(2))
+                    layers.append(MaxPool2x2())
                     size //= 2
                 layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
                 c_in = c_out

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdsearch import KdsearchError
 from kdsearch.config import DataConfig
 from kdsearch.data import Split, StreamingSplit, augment_batch, load_dataset
 from kdsearch.distill import Normalizer, TrainSettings, predict_logits, train
 from kdsearch.engine import PhaseTimer
-from kdsearch.models import Architecture, build_model
+from kdsearch.models import Architecture, MaxPool2x2, build_model
 
 
 def test_crop_shifts_each_image_within_the_padding():
@@ -78,6 +79,25 @@ def test_predict_logits_matches_one_big_forward():
     with torch.no_grad():
         expected = model((x.float() / 255 - 0.5) / 0.25)
     torch.testing.assert_close(predict_logits(model, x, norm, batch_size=128), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [28, 7, 3])
+def test_inference_pool_gives_aten_values_ties_and_odd_sizes_included(size):
+    # small integers make ties common, as in the constant background of MNIST maps
+    x = torch.randint(-2, 3, (64, 4, size, size)).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fast = MaxPool2x2()(x)
+    assert torch.equal(fast, F.max_pool2d(x, 2))
+    assert fast.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_training_pool_keeps_atens_gradient():
+    x = torch.randint(-2, 3, (64, 4, 6, 6)).float().contiguous(memory_format=torch.channels_last).requires_grad_()
+    MaxPool2x2()(x).sum().backward()
+    expected = x.detach().clone().requires_grad_()
+    F.max_pool2d(expected, 2).sum().backward()
+    assert torch.equal(x.grad, expected.grad)  # one position per window, as aten picks it, even among ties
+    assert x.grad.sum() == 64 * 4 * 9
 
 
 def test_missing_torchvision_dataset_names_the_expected_files(tmp_path):
