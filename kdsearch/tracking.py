@@ -99,13 +99,13 @@ def start_trial_run(client: MlflowClient, exp_id: str, study_run_id: str, study_
 
 
 def end_trial_run(client: MlflowClient, run_id: str, state: str, reason: str = "",
-                  interrupted: bool = False, metrics: dict | None = None) -> None:
-    """Close a trial's run with the Optuna state as a tag: COMPLETE -> FINISHED, FAIL -> FAILED (KILLED when the
-    user interrupted it), PRUNED -> KILLED."""
+                  interrupted: bool = False, metrics: dict | None = None, step: int = 0) -> None:
+    """Log the last metrics and close a trial's run with the Optuna state as a tag: COMPLETE -> FINISHED, FAIL ->
+    FAILED (KILLED when the user interrupted it), PRUNED -> KILLED."""
     tags = {"optuna.trial_state": state}
     if reason:
         tags["kdsearch.reason"] = reason[:4000]
-    log_values(client, run_id, metrics=metrics, tags=tags)
+    log_values(client, run_id, metrics=metrics, tags=tags, step=step)
     status = "KILLED" if interrupted else {"COMPLETE": "FINISHED", "FAIL": "FAILED"}.get(state, "KILLED")
     client.set_terminated(run_id, status)
 

@@ -99,11 +99,10 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
             cost["test_acc"] = accuracy(model, data.test, ctx.normalize)
         with timer("tracking"):
             trial.set_user_attr("test_acc", cost["test_acc"])
-            tracking.log_values(ctx.client, run_id, metrics=cost, step=cfg.distill.epochs)
             _log_weights(ctx.client, run_id, model, arch, data.input_shape[1])
         trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
-        tracking.end_trial_run(ctx.client, run_id, "COMPLETE",
-                               metrics={f"time_{k}_s": v for k, v in timer.seconds.items()})
+        times = {f"time_{k}_s": v for k, v in timer.seconds.items()}
+        tracking.end_trial_run(ctx.client, run_id, "COMPLETE", metrics={**cost, **times}, step=cfg.distill.epochs)
     except Pruned as e:
         trial.set_user_attr("prune_reason", e.reason)
         if e.by_trial is not None:
@@ -148,12 +147,16 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
         with timer("tracking"):
             tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
             history.append(val_acc)
-            trial.set_user_attr("val_acc_history", history)
         if epoch < cfg.distill.epochs:  # after the last epoch the result is known: completing it costs nothing
             pruner.after_epoch(trial, epoch, val_acc)
 
     teacher = ctx.teacher.targets(cfg.data.augment)
-    return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
+    try:
+        return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
+    finally:  # once, however training ends: the pruner reads it from finished trials only (MLflow has each epoch)
+        if history:
+            with timer("tracking"):
+                trial.set_user_attr("val_acc_history", history)
 
 
 def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture,
