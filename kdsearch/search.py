@@ -109,6 +109,7 @@ def _comparable(cfg: StudyConfig) -> dict:
     for key in RESUMABLE_KEYS:
         d["search"].pop(key)
     d["data"].pop("data_dir")
+    d["latency"].pop("min_run_time")  # how long a latency is timed, not what is measured
     d.pop("engine")  # how a process trains (threads, compile) may differ between sessions and workers
     return d
 
