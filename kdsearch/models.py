@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FAMILY_VERSION = 2  # bump when a change makes old state_dicts (and cached teachers) meaningless
@@ -38,19 +39,29 @@ def student_width(base_width: int, multiplier: float) -> int:
 class MaxPool2x2(nn.MaxPool2d):
     """A 2x2 max-pool. CPU inference on a batch of channels_last maps takes the maxima of four strided views: the
     same values, without the indices that aten's kernel always writes for a backward pass (evaluation of the MNIST
-    students 1.2-2.3x faster here). Training, small batches (latency), GPUs, tracing and export use aten's kernel."""
+    students 1.2-2.3x faster here). Training, small batches (latency), GPUs, tracing, scripting and export use
+    aten's kernel."""
 
     def __init__(self):
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() or len(x) < 64 or x.device.type != "cpu" or torch.jit.is_tracing()
-                or torch.compiler.is_compiling() or not x.is_contiguous(memory_format=torch.channels_last)):
-            return super().forward(x)
-        n, c, h, w = x.shape
-        v = x.permute(0, 2, 3, 1)[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-        rows = torch.maximum(v[:, :, 0], v[:, :, 1])
-        return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
+        if not torch.jit.is_scripting():  # TorchScript compiles only the kernel below
+            if _inference_batch(x):
+                return _max_of_strided_views(x)
+        return F.max_pool2d(x, 2)
+
+
+def _inference_batch(x: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() and len(x) >= 64 and x.device.type == "cpu" and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _max_of_strided_views(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    v = x.permute(0, 2, 3, 1)[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    rows = torch.maximum(v[:, :, 0], v[:, :, 1])
+    return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
 
 
 class ConvNet(nn.Module):

@@ -26,6 +26,8 @@ from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
+from kdsearch.measure import warm_up
+from kdsearch.models import Architecture, build_model
 from kdsearch.pruning import study_pruner
 from kdsearch.storage import open_storage, stale_trial_callback
 from kdsearch.teacher import Teacher, get_teacher
@@ -208,6 +210,8 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     configure_device(dev, cfg.engine.threads)
     started = time.time()
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
+    tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=1, depth=1), data.input_shape[1])
+    warm_up(data.input_shape, cfg.latency, tiny)
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
     client = tracking.open_client(tracking_uri, study_name or cfg.name)

@@ -86,8 +86,8 @@ def test_inference_pool_gives_aten_values_ties_and_odd_sizes_included(size):
     # small integers make ties common, as in the constant background of MNIST maps
     x = torch.randint(-2, 3, (64, 4, size, size)).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        fast = MaxPool2x2()(x)
-    assert torch.equal(fast, F.max_pool2d(x, 2))
+        fast, scripted = MaxPool2x2()(x), torch.jit.script(MaxPool2x2())(x)
+    assert torch.equal(fast, F.max_pool2d(x, 2)) and torch.equal(scripted, fast)
     assert fast.is_contiguous(memory_format=torch.channels_last)
 
 
