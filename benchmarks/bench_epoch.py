@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width", type=int, default=16, help="student first-stage channels (default: 16)")
+    parser.add_argument("--depth", type=int, default=3, help="student stages (default: 3)")
     parser.add_argument("--skip-reference", action="store_true", help="time the engine only (e.g. on a GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -109,7 +110,7 @@ def main() -> None:
     cache_s = time.perf_counter() - start
 
     torch.manual_seed(0)
-    student = build_model(Architecture(1, 10, args.width, 3), 28)
+    student = build_model(Architecture(1, 10, args.width, args.depth), 28)
     settings = TrainSettings(epochs=1, lr=0.05, batch_size=cfg.distill.batch_size, temperature=4.0, alpha=0.5)
     print(f"student: {count_params(student):,} params; teacher logits cached in {cache_s:.2f} s")
     fast = prepare_model(copy.deepcopy(student), device)
