@@ -207,6 +207,9 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
                  cache_dir: str | Path = ".kdsearch-cache") -> Session:
     """Check the data, build or load the teacher, open the study and its MLflow runs: all before any trial."""
     dev = resolve_device(device)
+    if cfg.latency.device.startswith("cuda") and not torch.cuda.is_available():
+        raise KdsearchError(f"latency.device = {cfg.latency.device!r}: no CUDA device is visible here; set "
+                            "latency.device = 'cpu'")
     configure_device(dev, cfg.engine.threads)
     started = time.time()
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))

@@ -1,6 +1,7 @@
 """Bad input: one line naming the problem and the fix, exit status 2, no traceback, nothing half-made."""
 
 import pytest
+import torch
 from helpers import fast
 
 from kdsearch import KdsearchError
@@ -94,6 +95,13 @@ FAST = fast()
 def test_unknown_pruner_architecture_and_mismatched_pruner(workdir, capsys, override, expected):
     code, err = run_cli(capsys, "--set", override)
     assert code == 2 and expected in err and "\n" not in err
+    assert list(workdir.iterdir()) == []
+
+
+def test_latency_on_a_missing_gpu(workdir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_cli(capsys, "--set", "latency.device='cuda'")
+    assert code == 2 and "latency.device = 'cuda': no CUDA device is visible here" in err and "\n" not in err
     assert list(workdir.iterdir()) == []
 
 
