@@ -39,11 +39,15 @@ DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximi
 RESUMABLE_KEYS = ("n_trials", "timeout", "heartbeat_interval", "grace_period")
 
 
+def require_visible_cuda(name: str, setting: str, fix: str) -> None:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise KdsearchError(f"{setting}: no CUDA device is visible here; {fix}")
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KdsearchError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+    require_visible_cuda(name, f"--device {name}", "use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -207,16 +211,15 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
                  cache_dir: str | Path = ".kdsearch-cache") -> Session:
     """Check the data, build or load the teacher, open the study and its MLflow runs: all before any trial."""
     dev = resolve_device(device)
-    if cfg.latency.device.startswith("cuda") and not torch.cuda.is_available():
-        raise KdsearchError(f"latency.device = {cfg.latency.device!r}: no CUDA device is visible here; set "
-                            "latency.device = 'cpu'")
+    latency_device = cfg.latency.device
+    require_visible_cuda(latency_device, f"latency.device = {latency_device!r}", "set latency.device = 'cpu'")
     configure_device(dev, cfg.engine.threads)
     started = time.time()
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
-    tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=1, depth=1), data.input_shape[1])
-    warm_up(data.input_shape, cfg.latency, tiny)
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
+    tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=1, depth=1), data.input_shape[1])
+    warm_up(data.input_shape, cfg.latency, tiny)  # after the teacher's line, whose time it is not
     client = tracking.open_client(tracking_uri, study_name or cfg.name)
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
