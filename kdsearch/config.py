@@ -47,6 +47,7 @@ class DataConfig:
     image_size: int = 32  # imagefolder only: images are resized to this square
     augment: str = "none"  # batched on the device: random crop with 4-pixel padding, and horizontal flip
     memory_gb: float = 0.0  # imagefolder: larger datasets stream from disk; 0: half the available memory
+    skip_unreadable: bool = False  # imagefolder: leave out images that cannot be read (and say how many)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class SearchConfig:
     pruner: str = "auto"  # auto: dominated in pareto mode, median in budget mode
     prune_margin: float = 0.05  # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
     baselines: bool = True  # enqueue a reference student without distillation (alpha = 0) and its distilled twin
+    baseline_repeats: int = 1  # baseline pairs, each with its own seed: the KD gain's spread over seeds
     heartbeat_interval: int = 30  # seconds between a worker's heartbeats (RDB storage other than SQLite)
     grace_period: int = 90  # seconds without a heartbeat after which a trial's worker counts as dead
 
@@ -230,6 +232,7 @@ def check_values(c: StudyConfig, where: str) -> None:
         "latency.threads": c.latency.threads, "latency.batch_size": c.latency.batch_size,
         "latency.min_run_time": c.latency.min_run_time, "data.image_size": c.data.image_size,
         "search.heartbeat_interval": c.search.heartbeat_interval, "search.grace_period": c.search.grace_period,
+        "search.baseline_repeats": c.search.baseline_repeats,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -246,6 +249,10 @@ def check_values(c: StudyConfig, where: str) -> None:
     for key, value in {"data.val_fraction": c.data.val_fraction, "data.test_fraction": c.data.test_fraction}.items():
         if not 0 < value < 0.5:
             raise KdsearchError(f"{where}: {key} = {value} must lie between 0 and 0.5")
+    if c.search.grace_period <= c.search.heartbeat_interval:
+        raise KdsearchError(f"{where}: search.grace_period = {c.search.grace_period} must exceed "
+                            f"search.heartbeat_interval = {c.search.heartbeat_interval}, or live workers are taken for "
+                            "dead between two heartbeats: raise grace_period (3x the interval is usual)")
     if c.search.pruner in ("median", "hyperband") and c.search.mode == "pareto":
         raise KdsearchError(f"{where}: search.pruner = {c.search.pruner!r} needs one objective: use "
                             "search.mode = 'budget', or pruner 'dominated' for the Pareto mode")

@@ -6,6 +6,8 @@ The search only ever sees `train` and `val`; `test` is used for the logged `test
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kdsearch import KdsearchError
+from kdsearch import KdsearchError, imagefolder
 from kdsearch.config import DataConfig
 
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
@@ -88,6 +90,8 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]  # per channel, of the training images scaled to [0, 1]
     std: tuple[float, ...]
+    classes: tuple[str, ...] = ()  # names, where the data has them
+    fingerprint: str = ""  # what was loaded (see `fingerprint`): part of the teacher cache's key
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -103,6 +107,31 @@ def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    data = _load(cfg, seed)
+    return dataclasses.replace(data, fingerprint=fingerprint(data))
+
+
+def fingerprint(data: Dataset) -> str:
+    """A digest of what was loaded: every image and label of each split (for a streamed image folder, its files'
+    paths, sizes and modification times), and the class names. Two datasets share it only when they are the same."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps([data.name, data.num_classes, list(data.classes)]).encode())
+    for split in (data.train, data.val, data.test):
+        if isinstance(split, StreamingSplit):
+            files = [split.dataset.samples[i] for i in split.indices.tolist()]
+            h.update(json.dumps([(p, y, *_stat(p)) for p, y in files]).encode())
+        else:
+            h.update(split.x.cpu().contiguous().numpy())
+        h.update(split.y.cpu().contiguous().numpy())
+    return h.hexdigest()
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _load(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.dataset == "digits":
         x, y = _digits()
         train_idx, val_idx, test_idx = split_indices(len(y), (cfg.val_fraction, cfg.test_fraction), seed)
@@ -116,11 +145,11 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     return _with_statistics(cfg.dataset, train, val, test, train.x)
 
 
-def _with_statistics(name: str, train, val, test, sample: torch.Tensor) -> Dataset:
+def _with_statistics(name: str, train, val, test, sample: torch.Tensor, num_classes: int | None = None) -> Dataset:
     """The dataset, with per-channel mean and std of the training images (or of a sample of them)."""
     scaled = sample.float().div_(255)
     return Dataset(
-        name=name, train=train, val=val, test=test, num_classes=int(train.y.max()) + 1,
+        name=name, train=train, val=val, test=test, num_classes=num_classes or int(train.y.max()) + 1,
         mean=tuple(scaled.mean(dim=(0, 2, 3)).tolist()), std=tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()),
     )
 
@@ -151,36 +180,53 @@ def _torchvision(cfg: DataConfig, train: bool) -> Split:
 
 
 def _image_folder(cfg: DataConfig, seed: int) -> Dataset:
-    """A class-per-folder image tree, resized to size x size: read once into memory when it fits the memory
-    budget, else streamed from disk by DataLoader workers every epoch."""
-    ds = _image_folder_dataset(Path(cfg.data_dir), cfg.image_size)
-    y = torch.tensor(ds.targets).long()
-    parts = split_indices(len(y), (cfg.val_fraction, cfg.test_fraction), seed)
-    shape = (3, cfg.image_size, cfg.image_size)  # ImageFolder's loader converts every image to RGB
-    need_gb, budget_gb = len(y) * 3 * cfg.image_size**2 / 1e9, cfg.memory_gb or available_memory_gb() / 2
-    if need_gb <= budget_gb:
-        x = torch.cat([xb for xb, _ in torch.utils.data.DataLoader(ds, batch_size=256, num_workers=0)])
-        train, val, test = (Split(x[i], y[i]) for i in parts)
-        return _with_statistics(cfg.dataset, train, val, test, train.x)
-    workers = max(1, min(8, len(os.sched_getaffinity(0))))
-    print(f"{cfg.data_dir}: {need_gb:.2f} GB of images exceed the {budget_gb:.2f} GB memory budget "
-          f"(data.memory_gb): streaming them from disk with {workers} DataLoader workers", flush=True)
-    train, val, test = (StreamingSplit(ds, i, y[i], shape, workers) for i in parts)
-    sample = torch.stack([ds[int(i)][0] for i in parts[0][:1000]])
-    return _with_statistics(cfg.dataset, train, val, test, sample)
+    """An image tree (see `kdsearch.imagefolder`), resized to size x size: read once into memory when it fits the
+    memory budget, else streamed from disk by DataLoader workers every epoch."""
+    root, size = Path(cfg.data_dir), cfg.image_size
+    folders = imagefolder.split_folders(root)
+    classes = imagefolder.class_names(folders["train"])
+    found = {name: imagefolder.samples(path, classes, folders["train"]) for name, path in folders.items()}
+    need_gb = sum(map(len, found.values())) * 3 * size**2 / 1e9
+    budget_gb = cfg.memory_gb or available_memory_gb() / 2
+    stream = need_gb > budget_gb
+    sources = {}  # split -> (samples, uint8 images, or None when streamed)
+    for name, items in found.items():
+        kept, pixels = imagefolder.readable(items, None if stream else imagefolder.ImageFiles(items, size),
+                                            cfg.skip_unreadable, root)
+        sources[name] = (kept, torch.stack(pixels) if pixels else None)
+    parts = _parts_of(sources, cfg, seed)
+    if not stream:
+        train, val, test = (Split(sources[src][1][i], _labels(sources[src][0])[i]) for src, i in parts)
+        data = _with_statistics(cfg.dataset, train, val, test, train.x, len(classes))
+    else:
+        workers = max(1, min(8, len(os.sched_getaffinity(0))))
+        print(f"{root}: {need_gb:.2f} GB of images exceed the {budget_gb:.2f} GB memory budget "
+              f"(data.memory_gb): streaming them from disk with {workers} DataLoader workers", flush=True)
+        train, val, test = (StreamingSplit(imagefolder.ImageFiles(sources[src][0], size), i,
+                                           _labels(sources[src][0])[i], (3, size, size), workers) for src, i in parts)
+        sample = torch.stack([train.dataset[int(i)][0] for i in train.indices[:1000]])
+        data = _with_statistics(cfg.dataset, train, val, test, sample, len(classes))
+    where = "val and test cut from one tree" if len(folders) == 1 else f"from {', '.join(f'{n}/' for n in folders)}"
+    print(f"{root}: {len(classes)} classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
+          f"train {len(train)}, val {len(val)}, test {len(test)} images ({where})", flush=True)
+    return dataclasses.replace(data, classes=tuple(classes))
 
 
-def _image_folder_dataset(root: Path, size: int):
-    import torchvision
-    from torchvision.transforms import v2
+def _parts_of(sources: dict, cfg: DataConfig, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """(source split, positions in it) for train, val and test: a split the tree lacks is cut from train with
+    the study seed."""
+    missing = [name for name in ("val", "test") if name not in sources]
+    fractions = tuple(cfg.val_fraction if name == "val" else cfg.test_fraction for name in missing)
+    rest, *cut = split_indices(len(sources["train"][0]), fractions, seed)
+    parts = {"train": ("train", rest), **{name: ("train", idx) for name, idx in zip(missing, cut)}}
+    for name in ("val", "test"):
+        if name not in parts:
+            parts[name] = (name, torch.arange(len(sources[name][0])))
+    return [parts["train"], parts["val"], parts["test"]]
 
-    if not root.is_dir():
-        raise KdsearchError(f"image folder '{root}' not found: pass --data-dir with one sub-folder per class")
-    transform = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
-    try:
-        return torchvision.datasets.ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise KdsearchError(f"image folder '{root}': {e}; put images in one sub-folder per class") from None
+
+def _labels(items: list[tuple[str, int]]) -> torch.Tensor:
+    return torch.tensor([y for _, y in items], dtype=torch.long)
 
 
 def available_memory_gb() -> float:

@@ -57,20 +57,18 @@ class OptunaPruner(NoPruner):
             raise Pruned(f"{type(trial.study.pruner).__name__}: val_acc {val_acc:.4f} after epoch {epoch}")
 
 
-LATENCY_NOISE = 0.10  # latencies this close count as equal: the same architecture measures up to ~8% apart
-
-
 class DominatedPruner(NoPruner):
-    """Pareto mode: stop a trial whose cost is dominated by a front trial's and whose accuracy trails it."""
+    """Pareto mode: stop a trial whose cost is dominated by a front trial's and whose accuracy trails it. Costs are
+    compared exactly, as the front compares them: a trial smaller or faster than every rival is never stopped (one
+    architecture has one latency per study, so a student is never a rival to itself through timing noise)."""
 
     def __init__(self, margin: float):
         self.margin = margin
         self.rivals: list[optuna.trial.FrozenTrial] = []
 
     def before_training(self, trial: optuna.Trial, cost: dict) -> None:
-        slowest = cost["latency_ms"] * (1 + LATENCY_NOISE)
         self.rivals = [t for t in trial.study.best_trials if "val_acc_history" in t.user_attrs
-                       and t.values[1] <= cost["params"] and t.values[2] <= slowest]
+                       and t.values[1] <= cost["params"] and t.values[2] <= cost["latency_ms"]]
 
     def after_epoch(self, trial: optuna.Trial, epoch: int, val_acc: float) -> None:
         for rival in self.rivals:

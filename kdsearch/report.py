@@ -42,15 +42,44 @@ def front_2d(df: pd.DataFrame, x: str) -> pd.DataFrame:
 
 
 def kd_gain(study: optuna.Study) -> dict | None:
-    """Accuracy of the distilled baseline minus that of its undistilled twin (same student, lr and seed)."""
-    base = {t.user_attrs.get("baseline"): t for t in study.get_trials(deepcopy=False, states=[COMPLETE])}
-    if "kd" not in base or "no-kd" not in base:
+    """Accuracy of the distilled baseline minus that of its undistilled twin (same student, lr and seed), with a
+    standard error: over the pairs' seeds when the study ran several pairs (`search.baseline_repeats`), else over
+    the images, pairing the two students' answers image by image."""
+    pairs: dict[int, dict] = {}
+    for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
+        if "baseline" in t.user_attrs:
+            pairs.setdefault(t.user_attrs.get("baseline_pair", 0), {})[t.user_attrs["baseline"]] = t
+    full = [(p["no-kd"], p["kd"]) for _, p in sorted(pairs.items()) if len(p) == 2]
+    if not full:
         return None
-    kd, plain = base["kd"], base["no-kd"]
-    return {"trials": [plain.number, kd.number], "params": kd.user_attrs["params"],
-            "val_acc": [plain.values[0], kd.values[0]], "val_gain": kd.values[0] - plain.values[0],
-            "test_acc": [plain.user_attrs["test_acc"], kd.user_attrs["test_acc"]],
-            "test_gain": kd.user_attrs["test_acc"] - plain.user_attrs["test_acc"]}
+    out = {"trials": [plain.number for plain, _ in full] + [kd.number for _, kd in full] if len(full) > 1
+           else [full[0][0].number, full[0][1].number], "pairs": len(full), "params": full[0][1].user_attrs["params"],
+           "se_over": "seeds" if len(full) > 1 else "images"}
+    for split in ("val", "test"):
+        acc = [(_acc(plain, split), _acc(kd, split)) for plain, kd in full]
+        gains = [k - p for p, k in acc]
+        out[f"{split}_acc"] = [float(np.mean([p for p, _ in acc])), float(np.mean([k for _, k in acc]))]
+        out[f"{split}_gain"] = float(np.mean(gains))
+        out[f"{split}_gain_se"] = (float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(full) > 1
+                                   else paired_se(full[0][0].user_attrs.get(f"{split}_correct"),
+                                                  full[0][1].user_attrs.get(f"{split}_correct")))
+    return out
+
+
+def _acc(trial: optuna.trial.FrozenTrial, split: str) -> float:
+    return trial.values[0] if split == "val" else trial.user_attrs["test_acc"]
+
+
+def paired_se(plain_bits: str | None, kd_bits: str | None) -> float | None:
+    """Standard error of the accuracy difference of two classifiers on the same n images, from the per-image
+    differences d = kd_right - plain_right: sd(d) / sqrt(n). The bits are `trial.correct_bits` strings."""
+    if not plain_bits or not kd_bits:
+        return None
+    plain, kd = (np.array([c == "1" for c in bin(int(b, 16))[3:]], dtype=float) for b in (plain_bits, kd_bits))
+    if len(plain) != len(kd) or len(plain) < 2:
+        return None
+    d = kd - plain
+    return float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def write_report(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
@@ -70,6 +99,15 @@ def write_report(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list
     return front, paths
 
 
+def _hypervolume_figure(study: optuna.Study):
+    import plotly.express as px
+
+    ref = hypervolume_reference(study.user_attrs["teacher"])
+    return px.line(hypervolume_history(study), x="trial", y="hypervolume", markers=True,
+                   title=f"Hypervolume of the front after each trial (reference: val_acc {ref[0]:g}, the teacher's "
+                         f"{ref[1]:,.0f} params and {ref[2]:.3g} ms; log10 params)")
+
+
 def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
     """Hypervolume history (Optuna's plot; optimisation history in budget mode) and parallel coordinates."""
     import plotly.express as px
@@ -79,7 +117,7 @@ def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if len(study.directions) > 1:
-                figures.append(optuna.visualization.plot_hypervolume_history(study, reference_point(df)))
+                figures.append(_hypervolume_figure(study))
             else:
                 figures.append(optuna.visualization.plot_optimization_history(study))
         dims = [c for c in ["width", "depth", "temperature", "alpha", "lr", "params", "latency_ms", "val_acc"]
@@ -90,29 +128,54 @@ def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
     return f"<html><head><title>{study.study_name}</title></head><body>{''.join(html)}</body></html>"
 
 
-def reference_point(df: pd.DataFrame) -> list[float]:
-    """Hypervolume reference: zero accuracy, and 10% beyond the largest and slowest student seen."""
-    return [0.0, float(df["params"].max()) * 1.1, float(df["latency_ms"].max()) * 1.1]
-
-
 def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | None = None) -> pd.DataFrame:
-    """Write the report under reports_dir/<study>, log it to the study's MLflow run, print the front."""
+    """Write the report under reports_dir/<study>, log it and the study's summary metrics to the study's MLflow
+    run, print the front."""
     front, paths = write_report(study, reports_dir / study.study_name)
+    summary = study_summary(study)
     run_id = study.user_attrs.get("mlflow_run_id")
     if client is not None and run_id:
         for path in paths:
             client.log_artifact(run_id, str(path), artifact_path="report")
-    print(f"Pareto front of '{study.study_name}': {len(front)} of "
-          f"{len(study.get_trials(deepcopy=False, states=[COMPLETE]))} complete trials")
+        from kdsearch.tracking import log_values
+
+        log_values(client, run_id, metrics={k: v for k, v in summary.items() if v is not None})
+    print(f"Pareto front of '{study.study_name}': {len(front)} of {summary['complete_trials']} complete trials "
+          f"({summary['pruned_trials']} pruned, {summary['failed_trials']} failed)")
     if len(front):
         print(front[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if summary.get("hypervolume") is not None:
+        ref = hypervolume_reference(study.user_attrs["teacher"])
+        print(f"hypervolume {summary['hypervolume']:.4f} (val_acc, log10 params, latency_ms; reference: val_acc 0, "
+              f"the teacher's {ref[1]:,.0f} params and {ref[2]:.4g} ms)")
     gain = kd_gain(study)
     if gain:
-        print(f"KD gain (trials {gain['trials'][0]} -> {gain['trials'][1]}, {gain['params']:,} params): val_acc "
-              f"{gain['val_acc'][0]:.4f} -> {gain['val_acc'][1]:.4f} ({gain['val_gain']:+.4f}), test_acc "
-              f"{gain['test_acc'][0]:.4f} -> {gain['test_acc'][1]:.4f} ({gain['test_gain']:+.4f})")
+        print(kd_gain_line(gain))
     print(f"report: {paths[1]} ({', '.join(p.name for p in paths if p != paths[1])})")
     return front
+
+
+def kd_gain_line(gain: dict) -> str:
+    def part(split: str) -> str:
+        se = gain[f"{split}_gain_se"]
+        return (f"{split}_acc {gain[f'{split}_acc'][0]:.4f} -> {gain[f'{split}_acc'][1]:.4f} "
+                f"({gain[f'{split}_gain']:+.4f}{f' +/- {se:.4f}' if se is not None else ''})")
+    trials = gain["trials"]
+    source = f"{gain['pairs']} seed pairs" if gain["pairs"] > 1 else f"trials {trials[0]} -> {trials[1]}"
+    return (f"KD gain ({source}, {gain['params']:,} params; +/- one standard error over the {gain['se_over']}): "
+            f"{part('val')}, {part('test')}")
+
+
+def study_summary(study: optuna.Study) -> dict:
+    """Figures that let studies be compared side by side in MLflow's runs table."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    done = [t for t in study.get_trials(deepcopy=False, states=[COMPLETE])]
+    pareto = len(study.directions) > 1
+    return {"complete_trials": states.count(COMPLETE), "pruned_trials": states.count(optuna.trial.TrialState.PRUNED),
+            "failed_trials": states.count(optuna.trial.TrialState.FAIL),
+            "front_size": len(study.best_trials) if done else 0,
+            "best_val_acc": max((t.values[0] for t in done), default=None),
+            "hypervolume": study_hypervolume(study) if pareto and done and "teacher" in study.user_attrs else None}
 
 
 def _hover(df: pd.DataFrame) -> list[str]:
@@ -201,12 +264,38 @@ def load_existing_study(study_name: str, storage: str) -> optuna.Study:
         raise KdsearchError(f"cannot open Optuna storage {storage!r} ({e}): pass a valid --storage URL") from None
 
 
-def hypervolume(study: optuna.Study, reference: tuple[float, float, float] = (0.0, 1e5, 1.0)) -> float:
-    """Hypervolume of the Pareto-mode front in (val_acc, log10 params, latency_ms), between it and `reference`
-    (accuracy, parameters, ms). Log parameters so that no one objective's scale swamps the others."""
+def hypervolume_reference(teacher: dict) -> list[float]:
+    """The reference point of every hypervolume kdsearch reports: zero accuracy, and the teacher's parameters and
+    latency. A student larger or slower than its teacher adds nothing; studies with the same teacher compare."""
+    return [0.0, float(teacher["params"]), float(teacher["latency_ms"])]
+
+
+def hypervolume(points: list | np.ndarray, teacher: dict) -> float:
+    """Hypervolume of (val_acc, params, latency_ms) points in (val_acc, log10 params, latency_ms) between them and
+    `hypervolume_reference(teacher)`, as a fraction of the box from (1.0, 1 parameter, 0 ms) to that reference:
+    1 would be a perfect student with one parameter and no latency. Log parameters, because students span orders
+    of magnitude and the teacher's size would otherwise swamp the axis."""
     from optuna._hypervolume import compute_hypervolume  # what plot_hypervolume_history uses; not yet public
 
-    points = np.array([[-t.values[0], np.log10(t.values[1]), t.values[2]] for t in study.best_trials])
-    ref = np.array([-reference[0], np.log10(reference[1]), reference[2]])
-    points = points[(points < ref).all(axis=1)]
-    return float(compute_hypervolume(points, ref)) if len(points) else 0.0
+    acc0, params0, latency0 = hypervolume_reference(teacher)
+    ref = np.array([-acc0, np.log10(params0), latency0])
+    pts = np.array([[-a, np.log10(max(p, 1)), lat] for a, p, lat in points], dtype=float).reshape(-1, 3)
+    pts = pts[(pts < ref).all(axis=1)]
+    box = 1.0 * np.log10(params0) * latency0
+    return float(compute_hypervolume(pts, ref)) / box if len(pts) and box > 0 else 0.0
+
+
+def study_hypervolume(study: optuna.Study) -> float:
+    """The hypervolume of a Pareto-mode study's front (see `hypervolume`)."""
+    return hypervolume([t.values for t in study.best_trials], study.user_attrs["teacher"])
+
+
+def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
+    """The front's hypervolume after each complete trial, in the order they finished."""
+    teacher = study.user_attrs["teacher"]
+    done = sorted(study.get_trials(deepcopy=False, states=[COMPLETE]), key=lambda t: t.datetime_complete)
+    rows, seen = [], []
+    for t in done:
+        seen.append(t.values)
+        rows.append({"trial": t.number, "finished": t.datetime_complete, "hypervolume": hypervolume(seen, teacher)})
+    return pd.DataFrame(rows)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import math
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,22 +19,19 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
-from kdsearch import KdsearchError, __version__, first_line, tracking
+from kdsearch import KdsearchError, __version__, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
 from kdsearch.measure import warm_up
 from kdsearch.models import Architecture, build_model
-from kdsearch.pruning import study_pruner
-from kdsearch.storage import open_storage, stale_trial_callback
+from kdsearch.storage import fail_dead_local_trials, open_storage, stale_trial_callback
+from kdsearch.study import open_study
 from kdsearch.teacher import Teacher, get_teacher
 from kdsearch.trial import StudyContext, objective
 
 COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState[s] for s in ("COMPLETE", "RUNNING", "WAITING"))
-DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
-# Settings that may change when a study is resumed; anything else must match the study's first session.
-RESUMABLE_KEYS = ("n_trials", "timeout", "heartbeat_interval", "grace_period")
 
 
 def require_visible_cuda(name: str, setting: str, fix: str) -> None:
@@ -52,72 +47,6 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise KdsearchError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-
-
-def make_sampler(cfg: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
-    """The study file's sampler. The limits reach it as constraints that each trial sets (`trial.set_constraint`)."""
-    name = cfg.search.sampler
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-        if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
-        return optuna.samplers.RandomSampler(seed=seed)
-
-
-def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it when it exists and was made from the same study file."""
-    directions = DIRECTIONS[cfg.search.mode]
-    if isinstance(storage, str):
-        storage = open_storage(storage)
-    try:
-        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                    pruner=study_pruner(cfg.search, cfg.distill.epochs), load_if_exists=True)
-    except (ValueError, optuna.exceptions.StorageInternalError) as e:
-        raise KdsearchError(f"cannot open study '{study_name}' ({first_line(e)}): check --storage") from None
-    if [d.name.lower() for d in study.directions] != directions:
-        raise KdsearchError(f"study '{study_name}' exists with other objectives: pass a new --study-name")
-    wanted = _comparable(cfg)
-    stored = study.user_attrs.get("config")
-    if stored is None:
-        study.set_user_attr("config", wanted)
-    elif stored != wanted:
-        raise KdsearchError(f"study '{study_name}' exists with a different study file: pass a new --study-name, "
-                            "or resume with the file it was started with")
-    study.sampler = make_sampler(cfg, cfg.seed + len(study.trials))  # no repeats on resume
-    if cfg.search.baselines and not study.trials:
-        enqueue_baselines(study, cfg)
-    return study
-
-
-def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
-    """Two reference trials first: a mid-sized student trained without distillation (alpha = 0), and the same
-    student, learning rate and seed distilled with alpha = 0.5 at T = 4; the report shows the difference."""
-    s, d = cfg.student, cfg.distill
-
-    def clamp(v, bounds):
-        return min(max(v, bounds[0]), bounds[1])
-
-    common = {"width": clamp(1.0, s.width), "depth": clamp(round(sum(s.depth) / 2), s.depth),
-              "temperature": clamp(4.0, d.temperature), "lr": math.sqrt(d.lr[0] * d.lr[1])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # alpha may lie outside the study's range; Optuna warns, then uses it
-        study.enqueue_trial({**common, "alpha": 0.0}, user_attrs={"baseline": "no-kd"})
-        study.enqueue_trial({**common, "alpha": 0.5}, user_attrs={"baseline": "kd"})
-
-
-def _comparable(cfg: StudyConfig) -> dict:
-    """The config as the study stores it (JSON: ranges become lists), less what may change on resume."""
-    d = json.loads(json.dumps(cfg.to_dict()))
-    for key in RESUMABLE_KEYS:
-        d["search"].pop(key)
-    d["data"].pop("data_dir")
-    d["latency"].pop("min_run_time")  # how long a latency is timed, not what is measured
-    d.pop("engine")  # how a process trains (threads, compile) may differ between sessions and workers
-    return d
 
 
 def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path) -> tuple[Dataset, Teacher, Normalizer]:
@@ -138,7 +67,8 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     exp_id = tracking.experiment_id(client, study.study_name)
     teacher_params = {**dataclasses.asdict(cfg.teacher), "dataset": cfg.data.dataset, "seed": cfg.seed}
     figures = teacher_figures(teacher)
-    teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures)
+    teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures,
+                                          teacher.metrics.get("finished_at"))
     study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", study_run_id)
     study.set_user_attr("teacher", {**figures, "mlflow_run_id": teacher_run_id})
@@ -160,13 +90,21 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def print_progress(total: int, started: float):
+def study_progress(study: optuna.Study, target: int, complete_only: bool) -> str:
+    """`[k/N]`: the study's finished trials (or, for workers, its complete ones) against the target, whoever ran
+    them."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    done = states.count(COMPLETE) if complete_only else sum(s.is_finished() for s in states)
+    return f"[{done}/{target}{' complete' if complete_only else ''}]"
+
+
+def print_progress(target: int, started: float, complete_only: bool = False):
     """An Optuna callback printing one line per finished trial."""
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         p = trial.params
-        head = (f"trial {trial.number:3d} [{callback.done + 1}/{total}] width {p.get('width', 0):.2f} "
-                f"depth {p.get('depth', 0)} T {p.get('temperature', 0):5.2f} alpha {p.get('alpha', 0):.2f} "
-                f"lr {p.get('lr', 0):.3f}")
+        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only)} width "
+                f"{p.get('width', 0):.2f} depth {p.get('depth', 0)} T {p.get('temperature', 0):5.2f} "
+                f"alpha {p.get('alpha', 0):.2f} lr {p.get('lr', 0):.3f}")
         a = trial.user_attrs
         cost = f"params {a['params']:,} latency {a['latency_ms']:.3f} ms" if "params" in a else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -177,8 +115,6 @@ def print_progress(total: int, started: float):
             tail += f" [baseline {a['baseline']}]"
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         print(f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)", flush=True)
-        callback.done += 1
-    callback.done = 0
     return callback
 
 
@@ -224,6 +160,10 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
     study = open_study(cfg, study_name or cfg.name, store)
+    lost = fail_dead_local_trials(study, client)
+    if lost:
+        print(f"trials {lost} were left RUNNING by a process that has ended: marked FAIL, their MLflow runs closed, "
+              "and queued again", flush=True)
     exp_id, study_run_id = start_tracking(cfg, study, data, teacher, client)
     return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id), dev)
 
@@ -240,10 +180,10 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
                            cache_dir=cache_dir)
     study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
-    callbacks = [print_progress(until_complete or cfg.search.n_trials, time.time()), release_memory_after_failure,
-                 failures]
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    progress = print_progress(until_complete or finished + cfg.search.n_trials, time.time(), bool(until_complete))
+    callbacks = [progress, release_memory_after_failure, failures]
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
     print(f"study '{study.study_name}': {finished} trials so far, running "
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "
           f"on {session.device}", flush=True)
@@ -279,19 +219,46 @@ def long_lived_objects_frozen():
         gc.unfreeze()
 
 
+GIVE_UP_FACTOR = 5  # workers stop after this many trials per complete one asked for, when too few complete
+
+
 def run_until_complete(session: Session, target: int, callbacks: list, failures, poll_s: float = 1.0) -> None:
-    """One of several workers: take trials until the study holds `target` complete ones (or `failures` stops
-    it). While the trials running elsewhere would reach the target, wait, and let the heartbeat find any whose
-    worker died."""
-    study = session.study
-    while not failures.reason:
+    """One of several workers: take trials until the study holds `target` complete ones, `search.timeout` has
+    passed, or `failures` stops it. While trials running elsewhere would reach the target, wait; a trial of a dead
+    process on this host is failed and queued again, and one running elsewhere for far longer than trials take
+    (a dead machine on a journal file, which has no heartbeats) is no longer waited for."""
+    study, cfg, client = session.study, session.ctx.cfg, session.ctx.client
+    deadline = time.time() + cfg.search.timeout if cfg.search.timeout else math.inf
+    trials = study.get_trials(deepcopy=False)
+    first, give_up_after = len(trials), GIVE_UP_FACTOR * max(1, target - sum(t.state == COMPLETE for t in trials))
+    while not failures.reason and time.time() < deadline:
         optuna.storages.fail_stale_trials(study)
-        states = [t.state for t in study.get_trials(deepcopy=False)]
-        complete, running, waiting = (states.count(s) for s in (COMPLETE, RUNNING, WAITING))
+        fail_dead_local_trials(study, client)
+        trials = study.get_trials(deepcopy=False)
+        complete = sum(t.state == COMPLETE for t in trials)
         if complete >= target:
             return
-        if complete + running >= target and not waiting:
+        if len(trials) - first >= give_up_after:
+            raise KdsearchError(_give_up_message(trials[-1], complete, target, len(trials) - first))
+        waiting = any(t.state == WAITING for t in trials)
+        if complete + len(live_trials(trials, cfg.search.grace_period)) >= target and not waiting:
             time.sleep(poll_s)
             continue
         study.optimize(lambda trial: objective(session.ctx, trial), n_trials=1, catch=(Exception,),
                        callbacks=callbacks)
+
+
+def live_trials(trials: list[optuna.trial.FrozenTrial], grace_period: float) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials worth waiting for: those started less than max(grace_period, 3x the slowest complete trial)
+    ago."""
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials if t.state == COMPLETE]
+    patience = max(grace_period, 3 * max(took, default=0.0))
+    now = time.time()
+    return [t for t in trials if t.state == RUNNING and t.datetime_start
+            and now - t.datetime_start.timestamp() < patience]
+
+
+def _give_up_message(last: optuna.trial.FrozenTrial, complete: int, target: int, attempts: int) -> str:
+    reason = last.user_attrs.get("prune_reason") or last.user_attrs.get("fail_reason") or last.state.name
+    return (f"stopped: only {complete} of {target} trials are complete after {attempts} more were tried (the last: "
+            f"{reason}): loosen search.max_params, search.max_latency_ms or the pruner, then resume")

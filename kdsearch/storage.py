@@ -2,13 +2,18 @@
 machines, or a journal file on a shared file system (`journal:PATH`).
 
 On an RDB server, workers send heartbeats: a trial whose worker died is marked FAIL by the next worker that looks,
-its MLflow run is closed as KILLED, and Optuna's `RetryHeartbeatStaleTrialCallback` queues it again.
+its MLflow run is closed as KILLED, and Optuna's `RetryHeartbeatStaleTrialCallback` queues it again. On every
+storage (SQLite and journal files have no heartbeats), a trial whose worker was a process on this host that no
+longer exists is handled the same way when a session opens the study, and while workers wait for each other.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
@@ -48,13 +53,59 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
                             "that the database server is running and reachable") from None
 
 
-def stale_trial_callback(client: MlflowClient, max_retry: int = 2) -> Callable:
+def stale_trial_callback(client: MlflowClient, reason: str = "worker lost: no heartbeat",
+                         max_retry: int = 2) -> Callable:
     """Close a dead worker's trial run in MLflow, then queue the trial again with the same parameters."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        tracking.close_lost_trial_runs(client, study.study_name, trial.number, "worker lost: no heartbeat")
+        tracking.close_lost_trial_runs(client, study.study_name, trial.number, reason)
         retry(study, trial)
     return callback
+
+
+def worker_identity() -> dict[str, str]:
+    """This process as trials record it: `worker` is host:pid; `worker_start` tells a reused pid apart."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_start": _start_time(os.getpid()) or ""}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str) -> bool:
+    if Path("/proc/self/stat").exists():
+        return _start_time(pid) is not None and (not start or _start_time(pid) == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def fail_dead_local_trials(study: optuna.Study, client: MlflowClient) -> list[int]:
+    """Fail the RUNNING trials whose worker was a process on this host that has ended (killed, crashed, a power
+    cut), close their MLflow runs and queue them again; return their numbers."""
+    host, failed = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        where, _, pid = t.user_attrs.get("worker", "").rpartition(":")
+        if where != host or not pid.isdigit() or _alive(int(pid), t.user_attrs.get("worker_start", "")):
+            continue
+        storage = study._storage  # Optuna's own fail_stale_trials does the same through the storage
+        reason = f"worker {where}:{pid} died"
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process failed it first
+        stale_trial_callback(client, reason)(study, storage.get_trial(t._trial_id))
+        failed.append(t.number)
+    return failed

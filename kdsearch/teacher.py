@@ -3,6 +3,7 @@ logits over the training set so that no trial runs the teacher again."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -36,11 +37,14 @@ class Teacher:
         return self.train_logits if augment == "none" else self.model
 
 
-def teacher_key(cfg: StudyConfig) -> str:
-    data = asdict(cfg.data)
-    data.pop("data_dir")
-    data.pop("download")
-    fields = {"data": data, "teacher": asdict(cfg.teacher), "seed": cfg.seed, "family": FAMILY_VERSION}
+def teacher_key(cfg: StudyConfig, data: Dataset) -> str:
+    """Study settings that shape the teacher, and the identity of the data it learns from (`data.fingerprint`:
+    what was loaded, wherever it was loaded from)."""
+    settings = asdict(cfg.data)
+    for key in ("data_dir", "download", "skip_unreadable", "memory_gb"):
+        settings.pop(key)
+    fields = {"data": settings, "data_fingerprint": data.fingerprint, "teacher": asdict(cfg.teacher),
+              "seed": cfg.seed, "family": FAMILY_VERSION}
     if cfg.teacher.checkpoint:
         fields["checkpoint_sha"] = _file_sha(Path(cfg.teacher.checkpoint))
     text = json.dumps(fields, sort_keys=True)
@@ -54,14 +58,15 @@ def teacher_arch(cfg: StudyConfig, data: Dataset) -> Architecture:
 
 def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path) -> Teacher:
     """Load the cached teacher, or train (or read the user's checkpoint), measure and cache it."""
-    key = teacher_key(cfg)
+    key = teacher_key(cfg, data)
     folder = cache_dir / "teachers" / key
     normalize = Normalizer(data.mean, data.std, device)
     if (folder / "meta.json").is_file():
-        model = _load_cached(folder, cfg, data)
-        metrics = json.loads((folder / "meta.json").read_text())
-        logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
-        return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
+        cached = _load_cached(folder, cfg, data, device)
+        if cached is not None:
+            model, logits, metrics = cached
+            metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
+            return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = prepare_model(_build_or_load(cfg, data), device)
@@ -76,11 +81,26 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "test_acc": accuracy(model, data.test.to(device), normalize),
         "params": count_params(model),
         "flops": count_flops(model.cpu(), data.input_shape),
-        "latency_ms": measure_latency(model, data.input_shape, cfg.latency).median_ms,
         "seconds": time.perf_counter() - started,  # training, logit cache and measurement, paid once
+        "finished_at": time.time(),
     }
     _save(folder, model.cpu(), logits, metrics)
+    metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
     return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
+
+
+def _latency(folder: Path, metrics: dict, model: nn.Module, data: Dataset, cfg: StudyConfig) -> float:
+    """The teacher's latency under the study's [latency] settings: measured once per settings, kept in meta.json."""
+    settings = asdict(cfg.latency)
+    settings.pop("min_run_time")
+    key = json.dumps(settings, sort_keys=True)
+    known = metrics.setdefault("latency_ms_by_settings", {})
+    if key not in known:
+        known[key] = measure_latency(model, data.input_shape, cfg.latency).median_ms
+        tmp = folder / f".meta-{os.getpid()}.json"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, folder / "meta.json")
+    return known[key]
 
 
 def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -> None:
@@ -93,18 +113,37 @@ def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -
         torch.save(model.state_dict(), tmp / "teacher.pt")
     torch.save(logits.cpu(), tmp / "train_logits.pt")
     (tmp / "meta.json").write_text(json.dumps(metrics, indent=1))
+    if folder.exists():  # a stale entry that did not match its data (see _load_cached): set it aside
+        stale = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".stale-"))
+        with contextlib.suppress(OSError):
+            os.rename(folder, stale / "old")
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(tmp, folder)
     except OSError:  # another process cached the same teacher first; theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset) -> nn.Module:
-    if (folder / "teacher.ts").is_file():
-        return torch.jit.load(str(folder / "teacher.ts"), map_location="cpu")
-    model = build_model(teacher_arch(cfg, data), data.input_shape[1])
-    model.load_state_dict(torch.load(folder / "teacher.pt", map_location="cpu", weights_only=True))
-    return model
+def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.device
+                 ) -> tuple[nn.Module, torch.Tensor, dict] | None:
+    """The cached teacher, its logits and metrics; None (after saying why) when the entry does not fit the data:
+    a model that does not load, or logits without one row per training image and one column per class."""
+    try:
+        if (folder / "teacher.ts").is_file():
+            model = torch.jit.load(str(folder / "teacher.ts"), map_location="cpu")
+        else:
+            model = build_model(teacher_arch(cfg, data), data.input_shape[1])
+            model.load_state_dict(torch.load(folder / "teacher.pt", map_location="cpu", weights_only=True))
+        logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
+        metrics = json.loads((folder / "meta.json").read_text())
+    except Exception as e:  # a damaged or foreign cache entry: rebuilt below
+        problem = first_line(e)[:200]
+    else:
+        if tuple(logits.shape) == (len(data.train), data.num_classes):
+            return model, logits, metrics
+        problem = f"logits of shape {tuple(logits.shape)} for {len(data.train)} images of {data.num_classes} classes"
+    print(f"cached teacher {folder} does not match the data ({problem}): building it again", flush=True)
+    return None
 
 
 def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:

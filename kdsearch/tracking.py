@@ -16,6 +16,8 @@ from mlflow.entities import Metric, Param, RunTag
 from kdsearch import KdsearchError, first_line
 
 ROLE = "kdsearch.role"
+# MLflow 3's UI opens an experiment by its kind: without this tag it may guess "GenAI" and show traces, not runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def client_for(tracking_uri: str | None) -> MlflowClient:
@@ -39,7 +41,12 @@ def open_client(tracking_uri: str | None, study_name: str) -> MlflowClient:
 
 def experiment_id(client: MlflowClient, study_name: str) -> str:
     exp = client.get_experiment_by_name(study_name)
-    return exp.experiment_id if exp else client.create_experiment(study_name)
+    if exp is None:
+        return client.create_experiment(study_name, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in exp.tags:  # made by an earlier kdsearch
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def _now_ms() -> int:
@@ -64,15 +71,20 @@ def log_json(client: MlflowClient, run_id: str, name: str, value: Any) -> None:
         client.log_artifact(run_id, str(path))
 
 
-def teacher_run(client: MlflowClient, exp_id: str, key: str, params: dict, metrics: dict) -> str:
-    """The teacher's run in this experiment, logged once per teacher key and found again afterwards."""
+def teacher_run(client: MlflowClient, exp_id: str, key: str, params: dict, metrics: dict,
+                finished_at: float | None = None) -> str:
+    """The teacher's run in this experiment, logged once per teacher key and found again afterwards. It spans the
+    time the teacher took (`metrics['seconds']`), ending when it was cached (`finished_at`, epoch seconds)."""
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{ROLE}` = 'teacher' and tags.`kdsearch.teacher_key` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"teacher {key}", tags={ROLE: "teacher", "kdsearch.teacher_key": key})
+    end_ms = int((finished_at or time.time()) * 1000)
+    start_ms = end_ms - int(metrics.get("seconds", 0) * 1000)
+    run = client.create_run(exp_id, start_time=start_ms, run_name=f"teacher {key}",
+                            tags={ROLE: "teacher", "kdsearch.teacher_key": key})
     log_values(client, run.info.run_id, params=params, metrics=metrics)
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=end_ms)
     return run.info.run_id
 
 

@@ -6,8 +6,7 @@ logged, never returned to the sampler.
 
 from __future__ import annotations
 
-import os
-import socket
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +18,13 @@ from mlflow import MlflowClient
 from kdsearch import tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
-from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
+from kdsearch.distill import Normalizer, TrainSettings, accuracy, correct, train
 from kdsearch.engine import PhaseTimer, prepare_model
-from kdsearch.measure import Latency, count_flops, count_params, measure_latency, size_bytes
+from kdsearch.measure import count_flops, count_params, host_timing_lock, measure_latency, size_bytes
 from kdsearch.models import Architecture, build_model, student_width
 from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
+from kdsearch.storage import worker_identity
+from kdsearch.study import trial_seed
 from kdsearch.teacher import Teacher
 
 
@@ -38,7 +39,7 @@ class StudyContext:
     client: MlflowClient
     experiment_id: str
     study_run_id: str
-    costs: dict = field(default_factory=dict)  # Architecture -> measure_cost's answer, measured once per process
+    costs: dict = field(default_factory=dict)  # this process's copy of the study's costs (see `study_cost`)
 
 
 def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> dict:
@@ -57,34 +58,30 @@ def student_arch(cfg: StudyConfig, data: Dataset, width: float, depth: int) -> A
                         cfg.student.convs_per_stage)
 
 
-def trial_seed(study_seed: int, number: int) -> int:
-    return study_seed * 1_000_003 + number
-
-
 def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
     """Sample, build and measure a student; reject it if it breaks a limit; distill it; log everything."""
     cfg, data = ctx.cfg, ctx.data
+    for key, value in worker_identity().items():  # first: a process that dies from here on can be found
+        trial.set_user_attr(key, value)
     timer = PhaseTimer(data.train.y.device)
     hp = sample_student(trial, cfg)
-    seed = trial_seed(cfg.seed, trial.number)
+    seed = trial.user_attrs.get("seed", trial_seed(cfg.seed, trial.number))  # a baseline pair shares one seed
     torch.manual_seed(seed)
     arch = student_arch(cfg, data, hp["width"], hp["depth"])
     model = build_model(arch, data.input_shape[1])
     with timer("measure"):
-        if arch not in ctx.costs:  # the same architecture costs the same: one latency per student on the front
-            ctx.costs[arch] = measure_cost(model, data.input_shape, cfg)
-        cost, latency = dict(ctx.costs[arch][0]), ctx.costs[arch][1]
+        cost = study_cost(ctx, trial.study, arch, model)
+        latency = cost.pop("latency")
     for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
         trial.set_user_attr(key, cost[key])
     trial.set_user_attr("channels", arch.channels())
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     for name, value in limit_violations(cost, cfg.search).items():
         trial.set_constraint(name, value)  # the sampler steers away from students over a limit
     pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search)
     with timer("tracking"):
         run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
                       "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
-                      **{f"latency_{k}": v for k, v in latency.to_dict().items() if not k.endswith("_ms")}}
+                      **{f"latency_{k}": v for k, v in latency.items() if not k.endswith("_ms")}}
         run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
                                           trial.number, run_params)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -97,8 +94,13 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
             cost["val_acc"] = distill_student(ctx, trial, model, hp, seed, run_id, timer, pruner)
         with timer("evaluate"):
             cost["test_acc"] = accuracy(model, data.test, ctx.normalize)
+            if "baseline" in trial.user_attrs:  # the KD gain's standard error pairs the baselines image by image
+                for name, split in (("val", data.val), ("test", data.test)):
+                    trial.set_user_attr(f"{name}_correct", correct_bits(model, split, ctx.normalize))
         with timer("tracking"):
             trial.set_user_attr("test_acc", cost["test_acc"])
+            cost["latency_ms"] = settled_latency(trial.study, arch, cost["latency_ms"])
+            trial.set_user_attr("latency_ms", cost["latency_ms"])
             _log_weights(ctx.client, run_id, model, arch, data.input_shape[1])
         trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
         times = {f"time_{k}_s": v for k, v in timer.seconds.items()}
@@ -122,12 +124,49 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     return cost["val_acc"], cost["params"], cost["latency_ms"]
 
 
-def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig) -> tuple[dict, Latency]:
-    """What the architecture costs, known before any training."""
+def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig) -> dict:
+    """What the architecture costs, known before any training, with the settings its latency was timed with."""
     latency = measure_latency(model, input_shape, cfg.latency)
-    cost = {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
-            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms}
-    return cost, latency
+    return {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
+            "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency": latency.to_dict()}
+
+
+def cost_key(arch: Architecture) -> str:
+    return "cost:" + json.dumps(arch.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def study_cost(ctx: StudyContext, study: optuna.Study, arch: Architecture, model: torch.nn.Module) -> dict:
+    """One cost per architecture per study, whoever measures it: the first process to need it measures it (under
+    the host's latency lock, see `measure_latency`) and stores it in the study, where every other worker and every
+    later session reads it."""
+    key = cost_key(arch)
+    if key not in ctx.costs:
+        stored = _stored_cost(study, key)
+        if stored is None:
+            with host_timing_lock():
+                stored = _stored_cost(study, key)  # another worker on this host may have measured it meanwhile
+                if stored is None:
+                    stored = measure_cost(model, ctx.data.input_shape, ctx.cfg)
+                    study.set_user_attr(key, stored)
+        ctx.costs[key] = stored
+    return json.loads(json.dumps(ctx.costs[key]))  # a copy
+
+
+def settled_latency(study: optuna.Study, arch: Architecture, measured: float) -> float:
+    """The study's latency for `arch` when the trial ends. Two machines that measured the same new architecture
+    at the same moment both stored theirs and the last write stands; by the end of training both read that one."""
+    stored = _stored_cost(study, cost_key(arch))
+    return stored["latency_ms"] if stored else measured
+
+
+def _stored_cost(study: optuna.Study, key: str) -> dict | None:
+    return study._storage.get_study_user_attrs(study._study_id).get(key)  # one attribute read, not the trials
+
+
+def correct_bits(model: torch.nn.Module, split, normalize) -> str:
+    """Which images of `split` the model gets right, as a hex string of bits (12,000 images: 3,000 characters)."""
+    right = correct(model, split, normalize).cpu().tolist()
+    return format(int("1" + "".join("1" if r else "0" for r in right), 2), "x")
 
 
 def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Module, hp: dict, seed: int,

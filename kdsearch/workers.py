@@ -2,8 +2,10 @@
 
 The parent builds the teacher (and its logit cache) and opens the study and its MLflow run once, so the workers
 share them instead of racing; then each worker takes trials until the study holds the requested number of
-complete trials. With several GPUs visible, worker i sees only GPU i % count (CUDA_VISIBLE_DEVICES); on a CPU the
-cores are split between the workers.
+complete trials. Each worker gets the parent's options. With `--device auto` or `cuda` and several GPUs visible,
+worker i trains on cuda:(i % count); a named device (cpu, cuda:N) is used by every worker; on a CPU the cores are
+split between the workers. The parent watches its workers: the trial of one that dies is failed and queued again
+at once (on every storage, heartbeats or not), so the others never wait for it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from kdsearch import KdsearchError
 from kdsearch.config import StudyConfig
-from kdsearch.storage import is_sqlite
+from kdsearch.storage import fail_dead_local_trials, is_sqlite
 
 
 def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study_name: str | None, storage: str,
@@ -38,14 +40,14 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     done = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
     target = done + cfg.search.n_trials
     print(f"starting {workers} workers until study '{study.study_name}' holds {target} complete trials", flush=True)
+    started = time.time()
     procs = []
     for i in range(workers):
         procs.append(subprocess.Popen([sys.executable, "-m", "kdsearch", "run-study", *worker_args,
-                                       "--until-complete", str(target), *_worker_settings(workers)],
-                                      env=_worker_env(i)))
-        time.sleep(0.3)  # stagger the starts: fewer workers race for the same next trial
+                                       "--until-complete", str(target), *_worker_settings(workers, i, device)],
+                                      env={**os.environ, "KDSEARCH_WORKER": str(i)}))
     try:
-        codes = [p.wait() for p in procs]
+        codes = watch(procs, study, session.ctx.client)
     except KeyboardInterrupt:
         for p in procs:
             p.send_signal(signal.SIGINT)
@@ -57,24 +59,38 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     session.ctx.client.set_terminated(session.ctx.study_run_id, "FINISHED" if complete >= target else "FAILED")
     lost = [i for i, code in enumerate(codes) if code != 0]
     if lost:
-        print(f"workers {lost} ended with an error or were killed; the others finished the study", flush=True)
+        print(f"workers {lost} ended with an error or were killed", flush=True)
     report_study(study, Path(reports_dir), session.ctx.client)
     if complete < target:
-        raise KdsearchError(f"only {complete} of {target} trials are complete: run the same command again to resume")
+        if cfg.search.timeout and time.time() - started >= cfg.search.timeout:
+            print(f"timeout: {complete} of {target} trials are complete; run the same command again to add more",
+                  flush=True)
+            return study
+        raise KdsearchError(f"only {complete} of {target} trials are complete: see the workers' messages above, "
+                            "then run the same command again to resume")
     return study
 
 
-def _worker_settings(workers: int) -> list[str]:
-    if torch.cuda.device_count() > 0:
-        return ["--device", "cuda"]
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    return ["--set", f"engine.threads={threads}"]
+def watch(procs: list[subprocess.Popen], study: optuna.Study, client, poll_s: float = 0.5) -> list[int]:
+    """Wait for the workers; whenever one ends, fail and re-queue the trial it left RUNNING."""
+    running = list(procs)
+    while running:
+        time.sleep(poll_s)
+        ended = [p for p in running if p.poll() is not None]
+        if ended:
+            running = [p for p in running if p not in ended]
+            lost = fail_dead_local_trials(study, client)
+            if lost:
+                print(f"a worker ended in the middle of trials {lost}: marked FAIL and queued again", flush=True)
+    return [p.returncode for p in procs]
 
 
-def _worker_env(index: int) -> dict[str, str]:
-    env = dict(os.environ)
-    count = torch.cuda.device_count()
-    if count > 1:
-        env["CUDA_VISIBLE_DEVICES"] = str(index % count)
-    env["KDSEARCH_WORKER"] = str(index)
-    return env
+def _worker_settings(workers: int, index: int, device: str | None) -> list[str]:
+    """Worker `index`'s device and thread count."""
+    gpus = torch.cuda.device_count()
+    if device in (None, "auto", "cuda") and gpus:
+        return ["--device", f"cuda:{index % gpus}"]
+    out = ["--device", device or "auto"]
+    if (device or "auto") in ("auto", "cpu"):
+        out += ["--set", f"engine.threads={max(1, len(os.sched_getaffinity(0)) // workers)}"]
+    return out

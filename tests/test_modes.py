@@ -51,13 +51,24 @@ def test_dominated_pruner_stops_a_costlier_trial_that_trails():
     assert info.value.by_trial == 0
 
 
-def test_latency_within_measurement_noise_counts_as_equal():
-    study = front_study([([0.90, 1000, 0.105], [0.70, 0.90])])
+@pytest.mark.parametrize("params, latency_ms, rival", [
+    (1000, 0.100, True),  # the same cost: must beat the rival's accuracy to earn a place
+    (1000, 0.104, True),  # slower (the old 10% tolerance aside, plainly dominated)
+    (2000, 0.100, True),  # larger
+    (1000, 0.0999, False),  # 0.1% faster: the front would keep it, so the pruner must too
+    (999, 0.100, False),  # one parameter smaller
+    (999, 0.200, False),  # smaller but slower: a trade-off, not dominated
+])
+def test_the_pruner_stops_only_trials_whose_cost_is_no_better(params, latency_ms, rival):
+    study = front_study([([0.90, 1000, 0.100], [0.70, 0.90])])
     pruner = DominatedPruner(margin=0.0)
-    pruner.before_training(FakeTrial(study), {"params": 1000, "latency_ms": 0.100})  # 5% faster: same cost
-    assert [t.number for t in pruner.rivals] == [0]
-    pruner.before_training(FakeTrial(study), {"params": 1000, "latency_ms": 0.090})  # 14% faster: a real gain
-    assert pruner.rivals == []
+    pruner.before_training(FakeTrial(study), {"params": params, "latency_ms": latency_ms})
+    assert bool(pruner.rivals) == rival
+    if rival:
+        with pytest.raises(Pruned):
+            pruner.after_epoch(None, 1, 0.69)
+    else:
+        pruner.after_epoch(None, 1, 0.0)  # far behind, but strictly better in a cost: goes on
 
 
 def test_dominated_pruner_spares_a_cheaper_trial():
@@ -121,11 +132,14 @@ def test_pareto_pruning_stops_trials_a_front_trial_dominates(workdir):
                                        ("random", optuna.samplers.RandomSampler), ("gp", optuna.samplers.GPSampler)])
 def test_every_sampler_name_gives_optunas_sampler(name, cls):
     from kdsearch.config import StudyConfig
-    from kdsearch.search import make_sampler
+    from kdsearch.study import make_sampler
 
     cfg = StudyConfig()
     cfg = cfg.replace(search=SearchConfig(sampler=name))
-    assert isinstance(make_sampler(cfg, seed=0), cls)
+    sampler = make_sampler(cfg)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.ask()
+    assert isinstance(sampler._inner, cls)
 
 
 def test_gp_sampler_runs_a_pareto_study(workdir):

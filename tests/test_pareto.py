@@ -4,7 +4,7 @@ import optuna
 import pandas as pd
 
 from kdsearch.report import front_2d, trials_frame, write_report
-from kdsearch.search import DIRECTIONS
+from kdsearch.study import DIRECTIONS
 
 # (val_acc, params, latency_ms)
 POINTS = {

@@ -1,0 +1,115 @@
+"""A user's own images: a class-per-folder tree, or `train/` with `val/` and/or `test/` beside it, each holding one
+folder per class (the layout most image datasets ship in).
+
+The splits a tree has are used as they are; a split it lacks is cut from `train/` with the study seed. Class labels
+come from `train/`'s folders, so `val/` and `test/` label the same class with the same number. What would be
+misread (split folders mixed with class folders, one class, an empty class, a file that is not an image) is a
+one-line error naming the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdsearch import KdsearchError, first_line
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(uint8 [3, size, size] image, label) for each (path, label) of `samples`, read with PIL as RGB."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int):
+        from torchvision.transforms import v2
+
+        self.samples, self.size = samples, size
+        self.transform = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """{'train': root} for a class-per-folder tree, else the split folders found under `root`."""
+    if not root.is_dir():
+        raise KdsearchError(f"image folder '{root}' not found: pass --data-dir with one sub-folder per class, or "
+                            "with train/ (and val/, test/) holding one sub-folder per class")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    splits = {SPLIT_NAMES[p.name.lower()]: p for p in folders if p.name.lower() in SPLIT_NAMES}
+    if not splits:
+        return {"train": root}
+    others = [p.name for p in folders if p.name.lower() not in SPLIT_NAMES]
+    if others or "train" not in splits:
+        found = ", ".join(p.name for p in splits.values())
+        raise KdsearchError(
+            f"image folder '{root}' looks like split folders ({found}) " + (f"mixed with class folders "
+            f"({', '.join(others[:5])})" if others else "without train/") + ", and would be read as classes: put "
+            "the class folders inside train/ (and val/, test/), or pass one split's folder as --data-dir")
+    return splits
+
+
+def class_names(train_dir: Path) -> list[str]:
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        found = f"only the class '{classes[0]}'" if classes else "no class folders"
+        raise KdsearchError(f"image folder '{train_dir}' holds {found}: a classifier needs two or more, one "
+                            "sub-folder of images per class")
+    return classes
+
+
+def samples(folder: Path, classes: list[str], train_dir: Path) -> list[tuple[str, int]]:
+    """(path, label) of every image file under folder/<class>/, labelled by `classes` (train/'s folders)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    unknown = sorted({p.name for p in folder.iterdir() if p.is_dir()} - set(classes))
+    if unknown:
+        raise KdsearchError(f"image folder '{folder}' has classes that '{train_dir}' lacks ({', '.join(unknown[:5])}):"
+                            " give every split the same class folders")
+    found = make_dataset(str(folder), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS, allow_empty=True)
+    if not found:
+        raise KdsearchError(f"image folder '{folder}' holds no images ({', '.join(IMG_EXTENSIONS)}) in its class "
+                            "folders: add images or remove the folder")
+    if folder == train_dir:
+        counts = torch.bincount(torch.tensor([y for _, y in found], dtype=torch.long), minlength=len(classes))
+        empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+        if empty:
+            raise KdsearchError(f"image folder '{folder}': the class folder(s) {', '.join(empty[:5])} hold no images "
+                                f"({', '.join(IMG_EXTENSIONS)}): add images or remove the folder")
+    return found
+
+
+def readable(found: list[tuple[str, int]], images: ImageFiles | None, skip: bool, root: Path
+             ) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
+    """The samples that open as images, and their pixels when `images` reads them (else only PIL's check).
+    Unreadable files are an error naming the first, or, with `skip`, left out with a printed count."""
+    from PIL import Image
+
+    kept, pixels, bad = [], [], []
+    for i, (path, label) in enumerate(found):
+        try:
+            if images is not None:
+                pixels.append(images[i][0])
+            else:
+                with Image.open(path) as img:
+                    img.verify()
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for a damaged file
+            bad.append((path, e))
+            continue
+        kept.append((path, label))
+    if bad and not skip:
+        raise KdsearchError(f"{len(bad)} file(s) under '{root}' cannot be read as images, the first: {bad[0][0]} "
+                            f"({first_line(bad[0][1])}): remove or replace them, or set data.skip_unreadable = "
+                            "true to leave them out")
+    if bad:
+        print(f"{root}: left out {len(bad)} unreadable file(s) (data.skip_unreadable), the first: {bad[0][0]}",
+              flush=True)
+    return kept, pixels

@@ -1,0 +1,134 @@
+"""The Optuna study itself: create or resume it, its sampler, its enqueued baselines.
+
+Every trial's sampler is seeded from the study seed and the trial's number. Optuna hands out each number once, to
+one process, so workers and machines that ask for a trial at the same moment are given different students, while
+one process replays the same study for the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable
+
+import optuna
+
+from kdsearch import KdsearchError, first_line
+from kdsearch.config import StudyConfig
+from kdsearch.pruning import study_pruner
+from kdsearch.storage import open_storage
+
+DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
+METRIC_NAMES = {"pareto": ["val_acc", "params", "latency_ms"], "budget": ["val_acc"]}
+# Settings that may change when a study is resumed; anything else must match the study's first session.
+RESUMABLE_KEYS = ("n_trials", "timeout", "heartbeat_interval", "grace_period")
+
+
+def trial_seed(study_seed: int, number: int) -> int:
+    return study_seed * 1_000_003 + number
+
+
+def _sampler_of(name: str) -> Callable[[int], optuna.samplers.BaseSampler]:
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if name == "tpe":
+                return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+            if name == "nsga2":
+                return optuna.samplers.NSGAIISampler(seed=seed)
+            if name == "gp":
+                return optuna.samplers.GPSampler(seed=seed)
+            return optuna.samplers.RandomSampler(seed=seed)
+    return make
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler made afresh for each trial, seeded with `trial_seed(seed, trial.number)`. The samplers
+    keep nothing between trials that they do not read back from the study (NSGA-II its generations, TPE and GP
+    the finished trials), so only the random state changes."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+
+def make_sampler(cfg: StudyConfig) -> TrialSeededSampler:
+    """The study file's sampler. The limits reach it as constraints that each trial sets (`trial.set_constraint`)."""
+    return TrialSeededSampler(_sampler_of(cfg.search.sampler), cfg.seed)
+
+
+def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study, or load it when it exists and was made from the same study file."""
+    directions = DIRECTIONS[cfg.search.mode]
+    if isinstance(storage, str):
+        storage = open_storage(storage)
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
+                                    sampler=make_sampler(cfg), pruner=study_pruner(cfg.search, cfg.distill.epochs),
+                                    load_if_exists=True)
+    except (ValueError, optuna.exceptions.StorageInternalError) as e:
+        raise KdsearchError(f"cannot open study '{study_name}' ({first_line(e)}): check --storage") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise KdsearchError(f"study '{study_name}' exists with other objectives: pass a new --study-name")
+    wanted = _comparable(cfg)
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", wanted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(METRIC_NAMES[cfg.search.mode])  # optuna-dashboard shows these names
+    elif stored != wanted:
+        raise KdsearchError(f"study '{study_name}' exists with a different study file: pass a new --study-name, "
+                            "or resume with the file it was started with")
+    if cfg.search.baselines and not study.trials:
+        enqueue_baselines(study, cfg)
+    return study
+
+
+def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Reference pairs first: a mid-sized student trained without distillation (alpha = 0), and the same student,
+    learning rate and seed distilled with alpha = 0.5 at T = 4; the report shows the difference. With
+    `search.baseline_repeats` > 1, that many pairs, each pair with a seed of its own."""
+    s, d = cfg.student, cfg.distill
+
+    def clamp(v, bounds):
+        return min(max(v, bounds[0]), bounds[1])
+
+    common = {"width": clamp(1.0, s.width), "depth": clamp(round(sum(s.depth) / 2), s.depth),
+              "temperature": clamp(4.0, d.temperature), "lr": math.sqrt(d.lr[0] * d.lr[1])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # alpha may lie outside the study's range; Optuna warns, then uses it
+        for pair in range(cfg.search.baseline_repeats):
+            seed = trial_seed(cfg.seed, pair)
+            for kind, alpha in (("no-kd", 0.0), ("kd", 0.5)):
+                study.enqueue_trial({**common, "alpha": alpha},
+                                    user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed})
+
+
+def _comparable(cfg: StudyConfig) -> dict:
+    """The config as the study stores it (JSON: ranges become lists), less what may change on resume."""
+    d = json.loads(json.dumps(cfg.to_dict()))
+    for key in RESUMABLE_KEYS:
+        d["search"].pop(key)
+    d["data"].pop("data_dir")
+    d["data"].pop("skip_unreadable")  # whether to skip bad files; the data's identity is checked by the teacher
+    d["latency"].pop("min_run_time")  # how long a latency is timed, not what is measured
+    d.pop("engine")  # how a process trains (threads, compile) may differ between sessions and workers
+    return d
