@@ -206,7 +206,9 @@ def _image_folder(cfg: DataConfig, seed: int) -> Dataset:
                                            _labels(sources[src][0])[i], (3, size, size), workers) for src, i in parts)
         sample = torch.stack([train.dataset[int(i)][0] for i in train.indices[:1000]])
         data = _with_statistics(cfg.dataset, train, val, test, sample, len(classes))
-    where = "val and test cut from one tree" if len(folders) == 1 else f"from {', '.join(f'{n}/' for n in folders)}"
+    cut = [name for name in ("val", "test") if name not in folders]
+    present = " and ".join(f"{n}/" for n in ("train", "val", "test") if n in folders)
+    where = ("one tree" if len(folders) == 1 else present) + (f"; {' and '.join(cut)} cut from it" if cut else "")
     print(f"{root}: {len(classes)} classes ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}); "
           f"train {len(train)}, val {len(val)}, test {len(test)} images ({where})", flush=True)
     return dataclasses.replace(data, classes=tuple(classes))

@@ -165,8 +165,12 @@ def _stored_cost(study: optuna.Study, key: str) -> dict | None:
 
 def correct_bits(model: torch.nn.Module, split, normalize) -> str:
     """Which images of `split` the model gets right, as a hex string of bits (12,000 images: 3,000 characters)."""
-    right = correct(model, split, normalize).cpu().tolist()
-    return format(int("1" + "".join("1" if r else "0" for r in right), 2), "x")
+    return bits_of(correct(model, split, normalize).cpu().tolist())
+
+
+def bits_of(flags: list) -> str:
+    """Truthy flags as a hex string, a leading 1 bit keeping leading zeros (read back with `report.paired_se`)."""
+    return format(int("1" + "".join("1" if f else "0" for f in flags), 2), "x")
 
 
 def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Module, hp: dict, seed: int,

@@ -1,0 +1,64 @@
+"""The report's figures with numbers worked out by hand: hypervolume and the KD gain with its standard error."""
+
+import optuna
+import pytest
+
+from kdsearch.report import hypervolume, hypervolume_reference, kd_gain, paired_se, study_hypervolume
+from kdsearch.trial import bits_of
+
+TEACHER = {"params": 1000, "latency_ms": 2.0}
+
+
+def test_hypervolume_by_hand():
+    # box: accuracy 0..1, log10 params 0..3 (1 to the teacher's 1,000), latency 0..2 ms -> 6
+    assert hypervolume_reference(TEACHER) == [0.0, 1000.0, 2.0]
+    # (0.5, 10 params, 1 ms): 0.5 accuracy x (3 - 1) decades x (2 - 1) ms = 1.0 -> 1/6
+    assert hypervolume([(0.5, 10, 1.0)], TEACHER) == pytest.approx(1 / 6)
+    # a second point (0.8, 100, 1.5): 0.8 x 1 x 0.5 = 0.4, overlapping the first in 0.5 x 1 x 0.5 = 0.25
+    assert hypervolume([(0.5, 10, 1.0), (0.8, 100, 1.5)], TEACHER) == pytest.approx((1.0 + 0.4 - 0.25) / 6)
+    # larger or slower than the teacher adds nothing
+    assert hypervolume([(0.99, 5000, 0.1), (0.99, 10, 3.0)], TEACHER) == 0.0
+
+
+def test_study_hypervolume_uses_the_front_and_the_teacher():
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("teacher", TEACHER)
+    for values in ([0.5, 10, 1.0], [0.4, 10, 1.0], [0.8, 100, 1.5]):  # the second is dominated
+        study.add_trial(optuna.trial.create_trial(values=values))
+    assert study_hypervolume(study) == pytest.approx((1.0 + 0.4 - 0.25) / 6)
+
+
+def test_paired_standard_error_by_hand():
+    # 10 images; kd right where plain is wrong on 3, the reverse on 1: d = +1 x3, -1 x1, 0 x6
+    plain = [0, 0, 0, 1, 1, 1, 0, 1, 0, 1]
+    kd = [1, 1, 1, 0, 1, 1, 0, 1, 0, 1]
+    # mean d = 0.2; sample variance = (3 * 0.8^2 + 1.2^2 + 6 * 0.2^2) / 9 = 0.4; se = sqrt(0.4 / 10) = 0.2
+    assert paired_se(bits_of(plain), bits_of(kd)) == pytest.approx(0.2)
+    assert paired_se(None, bits_of(kd)) is None
+
+
+def baseline(pair: int, kind: str, val: float, test: float, **attrs) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(values=[val, 500, 0.1], user_attrs={
+        "baseline": kind, "baseline_pair": pair, "test_acc": test, "params": 500, **attrs})
+
+
+def test_kd_gain_of_one_pair_has_the_images_standard_error():
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    plain, kd = [0, 0, 0, 1, 1, 1, 0, 1, 0, 1], [1, 1, 1, 0, 1, 1, 0, 1, 0, 1]
+    study.add_trial(baseline(0, "no-kd", 0.5, 0.5, val_correct=bits_of(plain), test_correct=bits_of(plain)))
+    study.add_trial(baseline(0, "kd", 0.7, 0.7, val_correct=bits_of(kd), test_correct=bits_of(kd)))
+    gain = kd_gain(study)
+    assert gain["trials"] == [0, 1] and gain["se_over"] == "images"
+    assert gain["val_gain"] == pytest.approx(0.2) and gain["val_gain_se"] == pytest.approx(0.2)
+
+
+def test_kd_gain_over_repeated_pairs_has_the_seeds_standard_error():
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for pair, (p, k) in enumerate([(0.90, 0.92), (0.91, 0.95), (0.89, 0.95)]):  # gains 0.02, 0.04, 0.06
+        study.add_trial(baseline(pair, "no-kd", p, p))
+        study.add_trial(baseline(pair, "kd", k, k))
+    gain = kd_gain(study)
+    assert gain["pairs"] == 3 and gain["se_over"] == "seeds"
+    # mean 0.04; sd of (0.02, 0.04, 0.06) = 0.02; se = 0.02 / sqrt(3)
+    assert gain["val_gain"] == pytest.approx(0.04) and gain["val_gain_se"] == pytest.approx(0.02 / 3**0.5)
+    assert gain["val_acc"] == pytest.approx([0.90, 0.94])
