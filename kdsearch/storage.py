@@ -9,6 +9,7 @@ longer exists is handled the same way when a session opens the study, and while 
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import warnings
@@ -21,6 +22,7 @@ from mlflow import MlflowClient
 from kdsearch import KdsearchError, first_line, tracking
 
 JOURNAL = "journal:"
+RETRY_KEEPS = ("baseline", "baseline_pair", "seed")  # user attributes a re-queued trial inherits
 
 
 def is_sqlite(url: str) -> bool:
@@ -62,7 +64,9 @@ def stale_trial_callback(client: MlflowClient, reason: str = "worker lost: no he
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         tracking.close_lost_trial_runs(client, study.study_name, trial.number, reason)
-        retry(study, trial)
+        again = copy.deepcopy(trial)  # the retry keeps what defines the trial, not what the lost run recorded
+        again.user_attrs = {k: v for k, v in trial.user_attrs.items() if k in RETRY_KEEPS}
+        retry(study, again)
     return callback
 
 

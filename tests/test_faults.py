@@ -99,3 +99,42 @@ def test_journal_file_storage_runs_and_resumes(workdir):
     study = optuna.load_study(study_name="digits", storage=open_storage(journal))
     assert [t.state for t in study.trials] == [State.COMPLETE] * 3
     assert main(["report", "--storage", journal]) == 0
+
+
+def test_a_process_killed_on_sqlite_leaves_nothing_running_once_resumed(workdir):
+    """kill -9 (or a power cut) mid-trial: the next session on this host fails that trial, closes its MLflow run
+    and runs it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = fast(distill_epochs=30)
+    cmd = [sys.executable, "-m", "kdsearch", "run-study", "--n-trials", "3", *slow]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            running = load(workdir).get_trials(states=[State.RUNNING])
+        except Exception:  # the study is not made yet
+            continue
+        if running and "mlflow_run_id" in running[0].user_attrs:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (killed,) = load(workdir).get_trials(states=[State.RUNNING])
+    assert trial_runs(workdir)[str(killed.number)].info.status == "RUNNING"
+
+    assert main(["run-study", "--n-trials", "2", *slow]) == 0  # the other baseline, then the retry
+    study = load(workdir)
+    assert study.trials[killed.number].state == State.FAIL
+    assert study.trials[killed.number].user_attrs["fail_reason"] == f"worker {killed.user_attrs['worker']} died"
+    run = trial_runs(workdir)[str(killed.number)]
+    assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"].endswith("died")
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert [t.state for t in retry] == [State.COMPLETE] and retry[0].params == killed.params
+    assert not study.get_trials(states=[State.RUNNING])
+    assert "fail_reason" not in retry[0].user_attrs and retry[0].user_attrs.get("baseline") == killed.user_attrs.get(
+        "baseline")

@@ -1,5 +1,7 @@
-"""Several workers on one study through PostgreSQL; one killed mid-trial; nothing lost, nothing doubled."""
+"""Several workers on one study (PostgreSQL, journal file): no student sampled twice, a killed worker never makes
+the others wait, options reach every worker, and a target that cannot be reached ends with a clear message."""
 
+import argparse
 import os
 import signal
 import subprocess
@@ -11,6 +13,10 @@ import pytest
 from helpers import fast
 from mlflow import MlflowClient
 from services import start_mlflow_server, start_postgres
+
+from kdsearch.cli import _worker_args, build_parser
+from kdsearch.storage import open_storage
+from kdsearch.workers import _worker_settings
 
 TINY = [*fast(distill_epochs=12), "--set", "search.baselines=false", "--set", "search.heartbeat_interval=1",
         "--set", "search.grace_period=3"]
@@ -41,49 +47,56 @@ def tracking_server(tmp_path_factory):
 
 def kill_a_worker_mid_trial(study_name: str, url: str, parent_pid: int, timeout: float = 120) -> int:
     """SIGKILL the worker of a trial that has been running for a while; return that trial's number."""
-    storage = optuna.storages.RDBStorage(url)  # one engine for the whole poll: a new one each time leaks connections
+    storage = open_storage(url)  # one engine for the whole poll: a new one each time leaks connections
+    deadline = time.time() + timeout
     try:
-        return _kill_when_running(study_name, storage, parent_pid, time.time() + timeout)
+        while time.time() < deadline:
+            try:
+                study = optuna.load_study(study_name=study_name, storage=storage)
+            except KeyError:
+                time.sleep(0.5)
+                continue
+            for t in study.get_trials(deepcopy=False, states=[State.RUNNING]):
+                pid = int(t.user_attrs.get("worker", ":0").split(":")[-1])
+                started = t.datetime_start.timestamp() if t.datetime_start else time.time()
+                if pid and pid != parent_pid and time.time() - started > 0.5 and t.number > 0:
+                    os.kill(pid, signal.SIGKILL)
+                    return t.number
+            time.sleep(0.2)
     finally:
-        storage.engine.dispose()
-
-
-def _kill_when_running(study_name: str, storage: optuna.storages.RDBStorage, parent_pid: int,
-                       deadline: float) -> int:
-    while time.time() < deadline:
-        try:
-            study = optuna.load_study(study_name=study_name, storage=storage)
-        except KeyError:
-            time.sleep(0.5)
-            continue
-        for t in study.get_trials(deepcopy=False, states=[State.RUNNING]):
-            pid = int(t.user_attrs.get("worker", ":0").split(":")[-1])
-            started = t.datetime_start.timestamp() if t.datetime_start else time.time()
-            if pid and pid != parent_pid and time.time() - started > 0.5 and t.number > 0:
-                os.kill(pid, signal.SIGKILL)
-                return t.number
-        time.sleep(0.2)
+        if hasattr(storage, "engine"):
+            storage.engine.dispose()
     raise AssertionError("no running trial to kill")
 
 
-def test_three_workers_one_killed(tmp_path, postgres, tracking_server):
-    cmd = [sys.executable, "-m", "kdsearch", "run-study", "--workers", "3", "--n-trials", str(N_TRIALS),
-           "--study-name", "shared", "--storage", postgres, "--tracking-uri", tracking_server, *TINY]
+def sampled_students(study: optuna.Study) -> list[tuple]:
+    """The parameter sets the sampler proposed: retries of a killed trial re-run its set on purpose."""
+    return [tuple(sorted(t.params.items())) for t in study.trials if "failed_trial" not in t.system_attrs]
+
+
+def run_workers_killing_one(tmp_path, storage: str, workers: int, extra: list[str]):
+    cmd = [sys.executable, "-m", "kdsearch", "run-study", "--workers", str(workers), "--n-trials", str(N_TRIALS),
+           "--study-name", "shared", "--storage", storage, *extra, *TINY]
     parent = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = kill_a_worker_mid_trial("shared", postgres, parent.pid)
+    killed = kill_a_worker_mid_trial("shared", storage, parent.pid)
     out, _ = parent.communicate(timeout=600)
     assert parent.returncode == 0, out
-
-    study = optuna.load_study(study_name="shared", storage=postgres)
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers))
+    study = optuna.load_study(study_name="shared", storage=open_storage(storage))
+    students = sampled_students(study)
+    assert len(students) == len(set(students)), "two trials trained the same sampled student"
     complete = [t for t in study.trials if t.state == State.COMPLETE]
     assert len(complete) == N_TRIALS
     assert study.trials[killed].state == State.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert [t.state for t in retries] == [State.COMPLETE]
-    assert len({t.user_attrs["worker"] for t in complete}) >= 2  # the work was shared
+    assert len({t.user_attrs["worker"] for t in study.trials}) >= 2  # the work was shared
+    assert f"[{N_TRIALS}/{N_TRIALS} complete]" in out  # progress counts the study's trials, not one worker's
+    return study, complete, killed, out
 
+
+def test_three_workers_on_postgres_one_killed(tmp_path, postgres, tracking_server):
+    study, complete, killed, _ = run_workers_killing_one(tmp_path, postgres, 3, ["--tracking-uri", tracking_server])
+    assert len({t.user_attrs["worker"] for t in complete}) >= 2
     client = MlflowClient(tracking_server)
     exp = client.get_experiment_by_name("shared")
     runs = client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'trial'")
@@ -91,7 +104,49 @@ def test_three_workers_one_killed(tmp_path, postgres, tracking_server):
     assert sorted(r.info.run_id for r in finished) == sorted(t.user_attrs["mlflow_run_id"] for t in complete)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     dead = [r for r in runs if r.data.tags["optuna.trial_number"] == str(killed)]
-    assert [(r.info.status, r.data.tags["kdsearch.reason"]) for r in dead] == [("KILLED", "worker lost: no heartbeat")]
+    assert [r.info.status for r in dead] == ["KILLED"]
+    died = f"worker {study.trials[killed].user_attrs['worker']} died"  # the parent may notice before the heartbeat
+    assert dead[0].data.tags["kdsearch.reason"] in ("worker lost: no heartbeat", died)
     (study_run,) = client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'study'")
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {study_run.info.run_id}
     assert study_run.info.status == "FINISHED"
+
+
+def test_two_workers_on_a_journal_file_one_killed(tmp_path):
+    # a journal file has no heartbeats: only the parent (and the sibling on this host) can tell the worker died
+    study, _, killed, out = run_workers_killing_one(tmp_path, f"journal:{tmp_path}/study.journal", 2, [])
+    assert study.trials[killed].user_attrs["fail_reason"].endswith("died")
+    assert "queued again" in out
+
+
+def test_workers_stop_with_a_message_when_no_trial_can_complete(tmp_path):
+    cmd = [sys.executable, "-m", "kdsearch", "run-study", "--workers", "2", "--n-trials", "2", "--storage",
+           f"journal:{tmp_path}/study.journal", *fast(), "--set", "search.baselines=false",
+           "--set", "search.max_params=10"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "stopped: only 0 of 2 trials are complete after 10 more were tried" in done.stderr
+    assert "above max_params 10" in done.stderr and "loosen search.max_params" in done.stderr
+
+
+def test_workers_honour_the_timeout(tmp_path):
+    cmd = [sys.executable, "-m", "kdsearch", "run-study", "--workers", "2", "--n-trials", "500", "--timeout", "3",
+           "--storage", f"journal:{tmp_path}/study.journal", *fast(distill_epochs=3), "--set", "search.baselines=false"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "timeout: " in done.stdout and "of 500 trials are complete" in done.stdout
+
+
+def test_every_option_reaches_the_workers(tmp_path):
+    parser = build_parser()
+    argv = ["run-study", "digits", "--workers", "3", "--device", "cpu", "--timeout", "60", "--n-trials", "5",
+            "--data-dir", "/data", "--cache-dir", "/cache", "--storage", "journal:/j", "--tracking-uri", "http://m:5000",
+            "--study-name", "s", "--set", "distill.epochs=3"]
+    args = parser.parse_args(argv)
+    overrides = ["distill.epochs=3", "search.n_trials=5", "search.timeout=60.0", "data.data_dir='/data'"]
+    worker = parser.parse_args(["run-study", *_worker_args(args, tmp_path / "digits.toml", overrides, "digits"),
+                                *_worker_settings(3, 1, args.device)])
+    for key in ("storage", "tracking_uri", "study_name", "cache_dir", "device"):
+        assert getattr(worker, key) == getattr(args, key), key
+    assert set(overrides) <= set(worker.set) and "engine.threads" in " ".join(worker.set)
+    assert isinstance(worker, argparse.Namespace)
