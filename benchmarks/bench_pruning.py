@@ -2,9 +2,9 @@
 
     python benchmarks/bench_pruning.py [--n-trials 20] [--seeds 0 1 2]
 
-Prints, per seed and on average, the study's wall time and the hypervolume of its final front (see
-`kdsearch.report.hypervolume`), and the time saved. Same sampler seed in both arms, so the two studies sample the
-same first trials and differ only once pruning changes what the sampler has seen.
+Prints, per seed and on average, the study's wall time and the hypervolume of its final front (the report's one
+definition, `kdsearch.report.hypervolume`), and the time saved. Same sampler seed in both arms, so the two studies
+sample the same first trials and differ only once pruning changes what the sampler has seen.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import statistics
 
 from common import study_config, timed_study
 
-from kdsearch.report import hypervolume
+from kdsearch.report import study_hypervolume
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
                                             f"search.pruner='{pruner}'", *margin])
             study, seconds = timed_study(cfg)
             pruned = sum(t.state.name == "PRUNED" for t in study.trials)
-            hv = hypervolume(study)
+            hv = study_hypervolume(study)
             rows[pruner].append((seconds, hv))
             print(f"{seed:>4} {pruner:>9} {seconds:8.1f} {pruned:>6} {hv:11.4f}", flush=True)
     for pruner, values in rows.items():

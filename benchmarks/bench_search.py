@@ -12,7 +12,7 @@ import statistics
 
 from common import study_config, timed_study
 
-from kdsearch.report import hypervolume
+from kdsearch.report import study_hypervolume
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
             cfg = study_config(args.study, [f"seed={seed}", f"search.n_trials={args.n_trials}",
                                             f"search.sampler='{sampler}'", "search.pruner='none'"])
             study, seconds = timed_study(cfg)
-            results.setdefault(sampler, []).append(hypervolume(study))
+            results.setdefault(sampler, []).append(study_hypervolume(study))
             print(f"{sampler:>7} seed {seed}: hypervolume {results[sampler][-1]:.4f} ({seconds:.0f} s)", flush=True)
     for sampler, hvs in results.items():
         print(f"{sampler:>7}: mean {statistics.mean(hvs):.4f} sd {statistics.stdev(hvs) if len(hvs) > 1 else 0:.4f}"

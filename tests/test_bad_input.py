@@ -38,6 +38,8 @@ def run_cli(capsys, *args):
     (GOOD + "[search]\nn_trials = \"many\"\n", "search.n_trials = 'many': expected an integer"),
     (GOOD + "[search]\nn_trials = 0\n", "search.n_trials = 0 must be above 0"),
     (GOOD + "[distil]\nepochs = 3\n", "unknown key 'distil': did you mean 'distill'?"),
+    (GOOD + "[search]\nheartbeat_interval = 30\ngrace_period = 30\n",
+     "search.grace_period = 30 must exceed search.heartbeat_interval = 30"),
 ])
 def test_bad_study_file(workdir, capsys, text, expected):
     (workdir / "bad.toml").write_text(text)

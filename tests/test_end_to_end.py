@@ -8,7 +8,9 @@ import pytest
 from helpers import fast, study_in_new_folder
 from mlflow import MlflowClient
 
+import kdsearch.cli
 import kdsearch.teacher
+import kdsearch.trial
 from kdsearch.cli import main
 
 FAST = fast(distill_epochs=2, teacher_epochs=2)
@@ -63,6 +65,15 @@ def test_mlflow_has_study_run_nested_trials_and_teacher(first_study):
     config = client.download_artifacts(study_run.info.run_id, "config.json", str(first_study / "dl"))
     logged = json.loads(open(config).read())
     assert logged["distill"]["epochs"] == 2 and logged["kdsearch_version"] and "git_commit" in logged
+    assert client.get_experiment_by_name("digits").tags["mlflow.experimentKind"] == "custom_model_development"
+    seconds = (teacher_run.info.end_time - teacher_run.info.start_time) / 1000
+    assert seconds == pytest.approx(teacher_run.data.metrics["seconds"], abs=0.01)  # as long as its training
+    summary = study_run.data.metrics
+    assert (summary["complete_trials"], summary["pruned_trials"], summary["failed_trials"]) == (3, 0, 0)
+    assert summary["front_size"] == len(study.best_trials) and summary["best_val_acc"] == max(
+        t.values[0] for t in study.trials)
+    assert 0 < summary["hypervolume"] < 1
+    assert study.metric_names == ["val_acc", "params", "latency_ms"]  # optuna-dashboard's axis names
     report = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
     assert report == {f"report/{name}" for name in
                       ("pareto.csv", "pareto.html", "pareto.png", "search.html", "kd_gain.json")}
@@ -73,8 +84,15 @@ def test_report_shows_the_kd_gain_of_the_baselines(first_study):
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
     plain, kd = study.trials[0], study.trials[1]
     assert gain["trials"] == [0, 1] and gain["val_gain"] == pytest.approx(kd.values[0] - plain.values[0])
-    assert plain.params["width"] == kd.params["width"] and plain.params["depth"] == kd.params["depth"]
+    assert {k: v for k, v in plain.params.items() if k != "alpha"} == {k: v for k, v in kd.params.items()
+                                                                       if k != "alpha"}
+    assert plain.user_attrs["seed"] == kd.user_attrs["seed"]  # the twins differ in alpha only
+    client, trial_runs = runs(first_study, "trial")
+    seeds = {r.data.params["alpha"]: r.data.params["seed"] for r in trial_runs if r.info.run_id in
+             (plain.user_attrs["mlflow_run_id"], kd.user_attrs["mlflow_run_id"])}
+    assert len(seeds) == 2 and len(set(seeds.values())) == 1
     assert plain.values[1:] == kd.values[1:]  # one architecture, measured once: same params, same latency
+    assert gain["se_over"] == "images" and 0 < gain["val_gain_se"] < 0.1 and gain["test_gain_se"] > 0
     page = (first_study / "reports" / "digits" / "search.html").read_text()
     assert "Hypervolume" in page and "parcoords" in page
 
@@ -102,6 +120,41 @@ def test_resume_adds_trials_without_retraining_or_duplicating(first_study, monke
     _, teacher_runs = runs(first_study, "teacher")
     assert (len(study_runs), len(trial_runs), len(teacher_runs)) == (1, 5, 1)
     assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {study_runs[0].info.run_id}
+
+
+def test_one_latency_per_architecture_whoever_measures_it(first_study):
+    """Every trial of one architecture has the study's one latency, the resumed session's included."""
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
+    stored = {k: v for k, v in study.user_attrs.items() if k.startswith("cost:")}
+    for t in study.trials:
+        arch = {"in_channels": 1, "num_classes": 10, "width": t.user_attrs["channels"][0],
+                "depth": len(t.user_attrs["channels"]), "convs_per_stage": 1}
+        key = "cost:" + json.dumps(arch, sort_keys=True, separators=(",", ":"))
+        assert t.values[2] == stored[key]["latency_ms"] and t.values[1] == stored[key]["params"]
+
+
+def test_a_stored_latency_is_used_not_measured_again(tmp_path_factory):
+    """What another worker or an earlier session stored for an architecture is what a trial of it reports."""
+    from kdsearch.storage import open_storage
+    from kdsearch.trial import cost_key
+
+    folder = tmp_path_factory.mktemp("stored")
+    args = ["--n-trials", "1", *FAST]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setattr(kdsearch.trial, "measure_cost", lambda *a: pytest.fail("measured again"))
+        from kdsearch.config import load_study
+        from kdsearch.models import Architecture
+        from kdsearch.study import open_study
+
+        cfg = load_study(kdsearch.cli.find_study_file("digits"), [a for a in FAST if a != "--set"])
+        study = open_study(cfg, "digits", open_storage(f"sqlite:///{folder}/optuna.db"))
+        baseline_arch = Architecture(1, 10, 8, 2, 1)  # width 1.0 x base 8, depth (1 + 3) / 2
+        study.set_user_attr(cost_key(baseline_arch), {"params": 1234, "flops": 1, "size_bytes": 1, "latency_ms": 0.5,
+                                                      "latency_iqr_ms": 0.0, "latency": {"device": "cpu"}})
+        assert main(["run-study", *args]) == 0
+    trial = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db").trials[0]
+    assert trial.values[1:] == [1234, 0.5]
 
 
 def test_resume_with_another_study_file_is_refused(first_study, monkeypatch, capsys):

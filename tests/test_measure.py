@@ -61,3 +61,19 @@ def test_every_depth_reduces_8x8_inputs(depth):
 
     out = build_model(Architecture(1, 10, 4, depth), 8)(torch.zeros(2, 1, 8, 8))
     assert out.shape == (2, 10)
+
+
+def test_latency_timings_on_one_host_never_overlap(tmp_path):
+    """While one process times a latency, another cannot start timing (and one process may nest the lock)."""
+    import subprocess
+    import sys
+
+    from kdsearch.measure import LOCK_FILE, host_timing_lock
+
+    probe = ("import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except BlockingIOError:\n    print('held')")
+    with host_timing_lock(), host_timing_lock():
+        inside = subprocess.run([sys.executable, "-c", probe, str(LOCK_FILE)], capture_output=True, text=True)
+    after = subprocess.run([sys.executable, "-c", probe, str(LOCK_FILE)], capture_output=True, text=True)
+    assert (inside.stdout.strip(), after.stdout.strip()) == ("held", "free")
