@@ -94,7 +94,7 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(METRIC_NAMES[cfg.search.mode])  # optuna-dashboard shows these names
-    elif stored != wanted:
+    elif _older_defaults_filled(stored) != wanted:
         raise KdsearchError(f"study '{study_name}' exists with a different study file: pass a new --study-name, "
                             "or resume with the file it was started with")
     if cfg.search.baselines and not study.trials:
@@ -120,6 +120,14 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
             for kind, alpha in (("no-kd", 0.0), ("kd", 0.5)):
                 study.enqueue_trial({**common, "alpha": alpha},
                                     user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed})
+
+
+def _older_defaults_filled(stored: dict) -> dict:
+    """A stored config made by an earlier kdsearch, with the keys added since at their defaults (which keep the
+    earlier behaviour), so such a study resumes."""
+    defaults = _comparable(StudyConfig())
+    return {section: {**defaults[section], **value} if isinstance(value, dict) else value
+            for section, value in stored.items()}
 
 
 def _comparable(cfg: StudyConfig) -> dict:

@@ -46,3 +46,12 @@ def test_one_process_replays_its_study_for_the_same_seed(tmp_path, sampler):
         study = open_study(config(sampler), name, open_storage(f"sqlite:///{tmp_path}/{name}.db"))
         runs.append(ask_together(study, study, rounds=3))
     assert runs[0] == runs[1]
+
+
+def test_a_study_made_before_a_key_existed_resumes(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    study = open_study(config("tpe"), "old", open_storage(url))
+    stored = study.user_attrs["config"]
+    del stored["search"]["baseline_repeats"]  # as kdsearch stored it before that key existed
+    study.set_user_attr("config", stored)
+    assert open_study(config("tpe"), "old", open_storage(url)).study_name == "old"
