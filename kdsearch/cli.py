@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
     run.add_argument("--workers", type=_positive_int, default=1,
                      help="local worker processes sharing the study (needs a PostgreSQL or journal: --storage)")
+    run.add_argument("--warm-start-from", metavar="STUDY",
+                     help="a new study starts with the front of this earlier study (same --storage) enqueued first, "
+                          "e.g. when moving from digits to MNIST or to more epochs")
     run.add_argument("--until-complete", type=_positive_int, help=argparse.SUPPRESS)  # set by --workers
     _add_common(run)
 
@@ -110,7 +113,8 @@ def cmd_run_study(args: argparse.Namespace) -> None:
     study_file = find_study_file(args.study)
     cfg = load_study(study_file, overrides)
     common = {"study_name": args.study_name, "storage": args.storage, "tracking_uri": args.tracking_uri,
-              "device": args.device, "cache_dir": args.cache_dir, "reports_dir": args.reports_dir}
+              "device": args.device, "cache_dir": args.cache_dir, "reports_dir": args.reports_dir,
+              "warm_start_from": args.warm_start_from}
     if args.workers > 1:
         from kdsearch.workers import run_workers
 

@@ -24,7 +24,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 MODES = ("pareto", "budget")
 LATENCY_DTYPES = ("float32", "bfloat16", "float16")
-PRUNERS = ("auto", "none", "dominated", "median", "hyperband")
+PRUNERS = ("auto", "none", "dominated", "rungs", "median", "hyperband")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 ARCHITECTURES = ("convnet",)
 
@@ -92,6 +92,8 @@ class SearchConfig:
     max_latency_ms: float = 0.0  # 0: no limit
     pruner: str = "auto"  # auto: dominated in pareto mode, median in budget mode
     prune_margin: float = 0.05  # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
+    rung_eta: int = 3  # rungs pruning: rungs at epochs rung_min_epochs * eta**k; the best 1/eta of a rung go on
+    rung_min_epochs: int = 1
     baselines: bool = True  # enqueue a reference student without distillation (alpha = 0) and its distilled twin
     baseline_repeats: int = 1  # baseline pairs, each with its own seed: the KD gain's spread over seeds
     heartbeat_interval: int = 30  # seconds between a worker's heartbeats (RDB storage other than SQLite)
@@ -232,7 +234,7 @@ def check_values(c: StudyConfig, where: str) -> None:
         "latency.threads": c.latency.threads, "latency.batch_size": c.latency.batch_size,
         "latency.min_run_time": c.latency.min_run_time, "data.image_size": c.data.image_size,
         "search.heartbeat_interval": c.search.heartbeat_interval, "search.grace_period": c.search.grace_period,
-        "search.baseline_repeats": c.search.baseline_repeats,
+        "search.baseline_repeats": c.search.baseline_repeats, "search.rung_min_epochs": c.search.rung_min_epochs,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -256,9 +258,11 @@ def check_values(c: StudyConfig, where: str) -> None:
     if c.search.pruner in ("median", "hyperband") and c.search.mode == "pareto":
         raise KdsearchError(f"{where}: search.pruner = {c.search.pruner!r} needs one objective: use "
                             "search.mode = 'budget', or pruner 'dominated' for the Pareto mode")
-    if c.search.pruner == "dominated" and c.search.mode == "budget":
-        raise KdsearchError(f"{where}: search.pruner = 'dominated' is for the Pareto mode: use 'median' or "
-                            "'hyperband' in budget mode")
+    if c.search.pruner in ("dominated", "rungs") and c.search.mode == "budget":
+        raise KdsearchError(f"{where}: search.pruner = {c.search.pruner!r} is for the Pareto mode: use 'median' "
+                            "or 'hyperband' in budget mode")
+    if c.search.rung_eta < 2:
+        raise KdsearchError(f"{where}: search.rung_eta = {c.search.rung_eta} must be 2 or more (3 is usual)")
     if c.latency.dtype not in LATENCY_DTYPES or (c.latency.dtype == "float16" and c.latency.device == "cpu"):
         raise KdsearchError(f"{where}: latency.dtype = {c.latency.dtype!r}: use float32 or bfloat16 "
                             "(float16 with a cuda latency.device)")

@@ -82,30 +82,106 @@ def paired_se(plain_bits: str | None, kd_bits: str | None) -> float | None:
     return float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
-def write_report(study: optuna.Study, out_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Write pareto.{csv,html,png}, search.html (hypervolume history, parallel coordinates) and kd_gain.json under
+def write_report(study: optuna.Study, out_dir: Path, importance: dict | None = None
+                 ) -> tuple[pd.DataFrame, list[Path]]:
+    """Write pareto.{csv,html,png} (the front, and beside it what drives each objective), search.{html,png}
+    (hypervolume against trials and wall time, parallel coordinates), kd_gain.json and importance.json under
     `out_dir`; return the front and the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     df = trials_frame(study)
     front = df[df["pareto"]].sort_values("params") if len(df) else df
     teacher = study.user_attrs.get("teacher")
+    importance = param_importances(study) if importance is None else importance
     paths = [out_dir / "pareto.csv", out_dir / "pareto.html", out_dir / "pareto.png", out_dir / "search.html",
-             out_dir / "kd_gain.json"]
+             out_dir / "kd_gain.json", out_dir / "importance.json"]
     front.drop(columns=["pareto"], errors="ignore").to_csv(paths[0], index=False)
-    _plotly_figure(df, teacher, study.study_name).write_html(paths[1], include_plotlyjs=True)
+    figures = [_plotly_figure(df, teacher, study.study_name)] + ([_importance_figure(importance)] if importance else [])
+    paths[1].write_text(_page(study.study_name, figures))
     _matplotlib_figure(df, teacher, study.study_name, paths[2])
     paths[3].write_text(_search_page(study, df))
     paths[4].write_text(json.dumps(kd_gain(study), indent=1))
+    paths[5].write_text(json.dumps(importance, indent=1))
+    if len(df) and len(study.directions) > 1:
+        _hypervolume_png(study, out_dir / "search.png")
+        paths.append(out_dir / "search.png")
     return front, paths
 
 
+def param_importances(study: optuna.Study) -> dict[str, dict[str, float]]:
+    """For each objective separately, how much each sampled knob explains of it over the complete trials
+    (Optuna's fANOVA evaluator, seeded): {objective: {knob: share}}, shares summing to 1. Empty with fewer than
+    three complete trials."""
+    complete = study.get_trials(deepcopy=False, states=[COMPLETE])
+    if len(complete) < 3:
+        return {}
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    out = {}
+    for i, name in enumerate(names):
+        try:
+            out[name] = optuna.importance.get_param_importances(
+                study, target=lambda t, i=i: t.values[i], evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (ValueError, RuntimeError):  # e.g. no knob varies over the complete trials
+            continue
+    return {name: {k: float(v) for k, v in shares.items()} for name, shares in out.items()}
+
+
+def _importance_figure(importance: dict):
+    import plotly.graph_objects as go
+
+    knobs = sorted({k for shares in importance.values() for k in shares})
+    fig = go.Figure([go.Bar(name=objective, x=knobs, y=[shares.get(k, 0.0) for k in knobs])
+                     for objective, shares in importance.items()])
+    fig.update_layout(barmode="group", template="plotly_white", height=380, width=1100, yaxis_title="importance",
+                      title="What drives each objective: parameter importance (fANOVA) over the complete trials")
+    return fig
+
+
+def importance_line(importance: dict) -> str:
+    return "; ".join(f"{objective}: " + ", ".join(f"{k} {v:.2f}" for k, v in list(shares.items())[:3])
+                     for objective, shares in importance.items())
+
+
+def _page(title: str, figures: list) -> str:
+    html = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    return f"<html><head><title>{title}</title></head><body>{''.join(html)}</body></html>"
+
+
 def _hypervolume_figure(study: optuna.Study):
-    import plotly.express as px
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     ref = hypervolume_reference(study.user_attrs["teacher"])
-    return px.line(hypervolume_history(study), x="trial", y="hypervolume", markers=True,
-                   title=f"Hypervolume of the front after each trial (reference: val_acc {ref[0]:g}, the teacher's "
-                         f"{ref[1]:,.0f} params and {ref[2]:.3g} ms; log10 params)")
+    history = hypervolume_history(study)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=["against trials", "against wall time"])
+    for col, x in ((1, "trials"), (2, "seconds")):
+        fig.add_trace(go.Scatter(x=history[x], y=history["hypervolume"], mode="lines+markers", line={"shape": "hv"},
+                                 hovertext=[f"trial {n}" for n in history["trial"]], showlegend=False), row=1, col=col)
+    fig.update_xaxes(title_text="complete trials", row=1, col=1)
+    fig.update_xaxes(title_text="seconds since the study's first trial started", row=1, col=2)
+    fig.update_yaxes(title_text="hypervolume", row=1, col=1)
+    fig.update_layout(template="plotly_white", height=420, title=(
+        f"Hypervolume of the front as the study ran (reference: val_acc {ref[0]:g}, the teacher's {ref[1]:,.0f} "
+        f"params and {ref[2]:.3g} ms; log10 params): still rising at the end means more trials would help"))
+    return fig
+
+
+def _hypervolume_png(study: optuna.Study, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = hypervolume_history(study)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, x, label in zip(axes, ("trials", "seconds"), ("complete trials", "seconds since the first trial")):
+        ax.step(history[x], history["hypervolume"], where="post", marker="o", color="crimson")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("hypervolume")
+    fig.suptitle(f"kdsearch study '{study.study_name}': hypervolume of the front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
@@ -124,14 +200,14 @@ def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
                 if c in df.columns]
         figures.append(px.parallel_coordinates(df[dims].assign(params=np.log10(df["params"])).rename(
             columns={"params": "log10 params"}), color="val_acc", title="trials: parameters to objectives"))
-    html = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
-    return f"<html><head><title>{study.study_name}</title></head><body>{''.join(html)}</body></html>"
+    return _page(study.study_name, figures)
 
 
 def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | None = None) -> pd.DataFrame:
     """Write the report under reports_dir/<study>, log it and the study's summary metrics to the study's MLflow
     run, print the front."""
-    front, paths = write_report(study, reports_dir / study.study_name)
+    importance = param_importances(study)
+    front, paths = write_report(study, reports_dir / study.study_name, importance)
     summary = study_summary(study)
     run_id = study.user_attrs.get("mlflow_run_id")
     if client is not None and run_id:
@@ -139,7 +215,8 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
             client.log_artifact(run_id, str(path), artifact_path="report")
         from kdsearch.tracking import log_values
 
-        log_values(client, run_id, metrics={k: v for k, v in summary.items() if v is not None})
+        shares = {f"importance.{objective}.{knob}": v for objective, s in importance.items() for knob, v in s.items()}
+        log_values(client, run_id, metrics={**{k: v for k, v in summary.items() if v is not None}, **shares})
     print(f"Pareto front of '{study.study_name}': {len(front)} of {summary['complete_trials']} complete trials "
           f"({summary['pruned_trials']} pruned, {summary['failed_trials']} failed)")
     if len(front):
@@ -151,6 +228,9 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
     gain = kd_gain(study)
     if gain:
         print(kd_gain_line(gain))
+    if importance:
+        print(f"what drives each objective (fANOVA importance over {summary['complete_trials']} complete trials; "
+              f"few trials make it noisy): {importance_line(importance)}")
     print(f"report: {paths[1]} ({', '.join(p.name for p in paths if p != paths[1])})")
     return front
 
@@ -291,11 +371,15 @@ def study_hypervolume(study: optuna.Study) -> float:
 
 
 def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
-    """The front's hypervolume after each complete trial, in the order they finished."""
+    """The front's hypervolume after each complete trial, in the order they finished: against the count of
+    complete trials and the seconds since the study's first trial started."""
     teacher = study.user_attrs["teacher"]
+    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
     done = sorted(study.get_trials(deepcopy=False, states=[COMPLETE]), key=lambda t: t.datetime_complete)
     rows, seen = [], []
     for t in done:
         seen.append(t.values)
-        rows.append({"trial": t.number, "finished": t.datetime_complete, "hypervolume": hypervolume(seen, teacher)})
-    return pd.DataFrame(rows)
+        rows.append({"trial": t.number, "trials": len(seen),
+                     "seconds": (t.datetime_complete - min(starts)).total_seconds(),
+                     "hypervolume": hypervolume(seen, teacher)})
+    return pd.DataFrame(rows, columns=["trial", "trials", "seconds", "hypervolume"])

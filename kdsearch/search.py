@@ -144,7 +144,7 @@ class Session:
 
 def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
                  tracking_uri: str | None = None, device: str | None = None,
-                 cache_dir: str | Path = ".kdsearch-cache") -> Session:
+                 cache_dir: str | Path = ".kdsearch-cache", warm_start_from: str | None = None) -> Session:
     """Check the data, build or load the teacher, open the study and its MLflow runs: all before any trial."""
     dev = resolve_device(device)
     latency_device = cfg.latency.device
@@ -159,7 +159,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     client = tracking.open_client(tracking_uri, study_name or cfg.name)
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
-    study = open_study(cfg, study_name or cfg.name, store)
+    study = open_study(cfg, study_name or cfg.name, store, warm_start_from)
     lost = fail_dead_local_trials(study, client)
     if lost:
         print(f"trials {lost} were left RUNNING by a process that has ended: marked FAIL, their MLflow runs closed, "
@@ -171,13 +171,13 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
 def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
               tracking_uri: str | None = None, device: str | None = None, cache_dir: str | Path = ".kdsearch-cache",
               reports_dir: str | Path = "reports", until_complete: int | None = None,
-              report: bool = True) -> optuna.Study:
+              report: bool = True, warm_start_from: str | None = None) -> optuna.Study:
     """Run (or resume) a study: `cfg.search.n_trials` more trials (or, as one of several workers, trials until
     the study holds `until_complete` complete ones), then write and log the report."""
     from kdsearch.report import report_study
 
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, warm_start_from=warm_start_from)
     study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))

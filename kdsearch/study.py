@@ -74,11 +74,14 @@ def make_sampler(cfg: StudyConfig) -> TrialSeededSampler:
     return TrialSeededSampler(_sampler_of(cfg.search.sampler), cfg.seed)
 
 
-def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it when it exists and was made from the same study file."""
+def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages.BaseStorage,
+               warm_start_from: str | None = None) -> optuna.Study:
+    """Create the study, or load it when it exists and was made from the same study file. A new study may start
+    with the front of an earlier study in the same storage (`warm_start_from`) enqueued first."""
     directions = DIRECTIONS[cfg.search.mode]
     if isinstance(storage, str):
         storage = open_storage(storage)
+    earlier = _earlier_study(warm_start_from, storage) if warm_start_from else None  # before anything is made
     try:
         study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                     sampler=make_sampler(cfg), pruner=study_pruner(cfg.search, cfg.distill.epochs),
@@ -97,9 +100,45 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
     elif _older_defaults_filled(stored) != wanted:
         raise KdsearchError(f"study '{study_name}' exists with a different study file: pass a new --study-name, "
                             "or resume with the file it was started with")
-    if cfg.search.baselines and not study.trials:
+    new = not study.trials
+    if earlier is not None:
+        if new:
+            enqueue_front(study, cfg, earlier)
+        else:
+            print(f"--warm-start-from {warm_start_from}: study '{study_name}' already has trials; nothing enqueued")
+    if cfg.search.baselines and new:
         enqueue_baselines(study, cfg)
     return study
+
+
+def _earlier_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise KdsearchError(f"--warm-start-from {name}: no study of that name in this --storage: pass the "
+                            "--study-name of an earlier study in the same storage") from None
+
+
+def search_space(cfg: StudyConfig) -> dict[str, tuple]:
+    """The sampled knobs and their ranges (see `trial.sample_student`)."""
+    s, d = cfg.student, cfg.distill
+    return {"width": s.width, "depth": s.depth, "temperature": d.temperature, "alpha": d.alpha, "lr": d.lr}
+
+
+def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study) -> list[int]:
+    """Enqueue the students of `earlier`'s front (its best trials) that lie in this study's search space; return
+    their trial numbers in `earlier`."""
+    space, taken, outside = search_space(cfg), [], []
+    for t in earlier.best_trials:
+        params = {k: t.params[k] for k in space if k in t.params}
+        if len(params) == len(space) and all(lo <= params[k] <= hi for k, (lo, hi) in space.items()):
+            study.enqueue_trial(params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})
+            taken.append(t.number)
+        else:
+            outside.append(t.number)
+    print(f"warm start from '{earlier.study_name}': enqueued its front's trials {taken}"
+          + (f"; left out {outside}, outside this study's search space" if outside else ""), flush=True)
+    return taken
 
 
 def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:

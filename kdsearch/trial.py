@@ -77,7 +77,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     trial.set_user_attr("channels", arch.channels())
     for name, value in limit_violations(cost, cfg.search).items():
         trial.set_constraint(name, value)  # the sampler steers away from students over a limit
-    pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search)
+    pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search, cfg.distill.epochs)
     with timer("tracking"):
         run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
                       "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,

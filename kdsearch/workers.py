@@ -26,7 +26,8 @@ from kdsearch.storage import fail_dead_local_trials, is_sqlite
 
 
 def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study_name: str | None, storage: str,
-                tracking_uri: str | None, device: str | None, cache_dir: str, reports_dir: str) -> optuna.Study:
+                tracking_uri: str | None, device: str | None, cache_dir: str, reports_dir: str,
+                warm_start_from: str | None = None) -> optuna.Study:
     """Start `workers` processes of `python -m kdsearch run-study WORKER_ARGS` and wait for them."""
     from kdsearch.report import report_study
     from kdsearch.search import open_session
@@ -35,7 +36,7 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
         raise KdsearchError("--workers needs a storage that several processes can share: pass --storage "
                             "postgresql+psycopg2://USER@HOST/DB or journal:FILE")
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, warm_start_from=warm_start_from)
     study = session.study
     done = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
     target = done + cfg.search.n_trials

@@ -1,0 +1,49 @@
+"""A new study may start from an earlier study's front; parameter importance per objective in the report."""
+
+import json
+
+import optuna
+from helpers import fast
+from mlflow import MlflowClient
+
+from kdsearch.cli import main
+
+FAST = fast(distill_epochs=2)
+
+
+def load(folder, name):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/optuna.db")
+
+
+def test_warm_start_enqueues_exactly_the_earlier_front(workdir, capsys):
+    assert main(["run-study", "--n-trials", "6", "--study-name", "first", *FAST]) == 0
+    front = load(workdir, "first").best_trials
+    assert main(["run-study", "--n-trials", str(len(front)), "--study-name", "second", "--warm-start-from", "first",
+                 *FAST, "--set", "distill.epochs=3"]) == 0
+    second = load(workdir, "second")
+    started = second.trials[:len(front)]
+    assert [t.params for t in started] == [t.params for t in front]
+    assert [t.user_attrs["warm_start"] for t in started] == [f"first#{t.number}" for t in front]
+    said = capsys.readouterr().out
+    assert f"warm start from 'first': enqueued its front's trials {[t.number for t in front]}" in said
+
+
+def test_warm_start_from_a_missing_study_is_a_one_line_error(workdir, capsys):
+    assert main(["run-study", "--n-trials", "1", "--warm-start-from", "nosuch", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--warm-start-from nosuch: no study of that name" in err and "\n" not in err
+    assert optuna.get_all_study_names(f"sqlite:///{workdir}/optuna.db") == []  # no study made
+
+
+def test_importance_per_objective_in_the_report_and_the_study_run(workdir):
+    assert main(["run-study", "--n-trials", "6", *FAST]) == 0
+    importance = json.loads((workdir / "reports" / "digits" / "importance.json").read_text())
+    assert set(importance) == {"val_acc", "params", "latency_ms"}
+    for shares in importance.values():
+        assert set(shares) <= {"width", "depth", "temperature", "alpha", "lr"} and abs(sum(shares.values()) - 1) < 1e-6
+    page = (workdir / "reports" / "digits" / "pareto.html").read_text()
+    assert "What drives each objective" in page
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    run = client.get_run(load(workdir, "digits").user_attrs["mlflow_run_id"])
+    assert run.data.metrics["importance.params.width"] == importance["params"]["width"]
+    assert (workdir / "reports" / "digits" / "search.png").is_file()
