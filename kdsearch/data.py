@@ -191,9 +191,10 @@ def _image_folder(cfg: DataConfig, seed: int) -> Dataset:
     stream = need_gb > budget_gb
     sources = {}  # split -> (samples, uint8 images, or None when streamed)
     for name, items in found.items():
-        kept, pixels = imagefolder.readable(items, None if stream else imagefolder.ImageFiles(items, size),
-                                            cfg.skip_unreadable, root)
+        kept, pixels = imagefolder.readable(items, imagefolder.ImageFiles(items, size), not stream,
+                                            cfg.skip_unreadable, folders[name])
         sources[name] = (kept, torch.stack(pixels) if pixels else None)
+    imagefolder.require_every_class(sources["train"][0], classes, folders["train"], "hold no readable images")
     parts = _parts_of(sources, cfg, seed)
     if not stream:
         train, val, test = (Split(sources[src][1][i], _labels(sources[src][0])[i]) for src, i in parts)

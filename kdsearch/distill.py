@@ -5,6 +5,7 @@ Data stays as whole tensors on the training device; each epoch slices batches ou
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,8 +116,10 @@ def _teacher_logits(teacher: Teacher, idx: torch.Tensor, inputs: torch.Tensor) -
 
 
 def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
-          teacher: Teacher = None, on_epoch: EpochCallback | None = None, timer=no_timer) -> float:
-    """Train `model` in place for `settings.epochs` epochs; return the final validation accuracy."""
+          teacher: Teacher = None, on_epoch: EpochCallback | None = None, timer=no_timer,
+          epoch_guard=contextlib.nullcontext) -> float:
+    """Train `model` in place for `settings.epochs` epochs; return the final validation accuracy. Each epoch and
+    its validation run inside `epoch_guard()` (see `timing_lock.training_epoch`)."""
     if settings.alpha > 0 and teacher is None:
         raise ValueError("alpha > 0 needs the teacher (its cached logits or the model)")
     if settings.augment != "none" and isinstance(teacher, torch.Tensor):
@@ -125,11 +128,12 @@ def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normali
     gen = torch.Generator(device=train_set.y.device).manual_seed(settings.seed)
     val_acc = float("nan")
     for epoch in range(1, settings.epochs + 1):
-        train_loss = distill_epoch(model, train_set, normalize, settings, teacher, opt, sched, gen).item()
-        if not math.isfinite(train_loss):  # the one host sync of the epoch is above
-            raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
-        with timer("evaluate"):
-            val_acc = accuracy(model, val_set, normalize)
+        with epoch_guard():
+            train_loss = distill_epoch(model, train_set, normalize, settings, teacher, opt, sched, gen).item()
+            if not math.isfinite(train_loss):  # the one host sync of the epoch is above
+                raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
+            with timer("evaluate"):
+                val_acc = accuracy(model, val_set, normalize)
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val_acc)
     return val_acc

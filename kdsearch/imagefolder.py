@@ -43,8 +43,12 @@ def split_folders(root: Path) -> dict[str, Path]:
     if not root.is_dir():
         raise KdsearchError(f"image folder '{root}' not found: pass --data-dir with one sub-folder per class, or "
                             "with train/ (and val/, test/) holding one sub-folder per class")
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    splits = {SPLIT_NAMES[p.name.lower()]: p for p in folders if p.name.lower() in SPLIT_NAMES}
+    folders = _visible_folders(root)
+    named = [p for p in folders if p.name.lower() in SPLIT_NAMES]
+    splits = {SPLIT_NAMES[p.name.lower()]: p for p in named}
+    if len(splits) < len(named):
+        raise KdsearchError(f"image folder '{root}' has two folders for one split ({', '.join(p.name for p in named)})"
+                            ": keep one of val/, valid/, validation/")
     if not splits:
         return {"train": root}
     others = [p.name for p in folders if p.name.lower() not in SPLIT_NAMES]
@@ -57,8 +61,13 @@ def split_folders(root: Path) -> dict[str, Path]:
     return splits
 
 
+def _visible_folders(root: Path) -> list[Path]:
+    """Sub-folders, leaving out hidden ones (.ipynb_checkpoints, .git, ...)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def class_names(train_dir: Path) -> list[str]:
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    classes = [p.name for p in _visible_folders(train_dir)]
     if len(classes) < 2:
         found = f"only the class '{classes[0]}'" if classes else "no class folders"
         raise KdsearchError(f"image folder '{train_dir}' holds {found}: a classifier needs two or more, one "
@@ -70,7 +79,7 @@ def samples(folder: Path, classes: list[str], train_dir: Path) -> list[tuple[str
     """(path, label) of every image file under folder/<class>/, labelled by `classes` (train/'s folders)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-    unknown = sorted({p.name for p in folder.iterdir() if p.is_dir()} - set(classes))
+    unknown = sorted({p.name for p in _visible_folders(folder)} - set(classes))
     if unknown:
         raise KdsearchError(f"image folder '{folder}' has classes that '{train_dir}' lacks ({', '.join(unknown[:5])}):"
                             " give every split the same class folders")
@@ -79,32 +88,35 @@ def samples(folder: Path, classes: list[str], train_dir: Path) -> list[tuple[str
         raise KdsearchError(f"image folder '{folder}' holds no images ({', '.join(IMG_EXTENSIONS)}) in its class "
                             "folders: add images or remove the folder")
     if folder == train_dir:
-        counts = torch.bincount(torch.tensor([y for _, y in found], dtype=torch.long), minlength=len(classes))
-        empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
-        if empty:
-            raise KdsearchError(f"image folder '{folder}': the class folder(s) {', '.join(empty[:5])} hold no images "
-                                f"({', '.join(IMG_EXTENSIONS)}): add images or remove the folder")
+        require_every_class(found, classes, folder, "hold no images")
     return found
 
 
-def readable(found: list[tuple[str, int]], images: ImageFiles | None, skip: bool, root: Path
-             ) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
-    """The samples that open as images, and their pixels when `images` reads them (else only PIL's check).
-    Unreadable files are an error naming the first, or, with `skip`, left out with a printed count."""
-    from PIL import Image
+def require_every_class(found: list[tuple[str, int]], classes: list[str], folder: Path, problem: str) -> None:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
+    counts = torch.bincount(torch.tensor([y for _, y in found], dtype=torch.long), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+    if empty:
+        raise KdsearchError(f"image folder '{folder}': the class folder(s) {', '.join(empty[:5])} {problem} "
+                            f"({', '.join(IMG_EXTENSIONS)}): add images or remove the folder")
+
+
+def readable(found: list[tuple[str, int]], images: ImageFiles, keep_pixels: bool, skip: bool, root: Path
+             ) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
+    """The samples that decode as images (every file is read once, streamed ones too, so that a damaged file
+    stops nothing mid-study), and their pixels when `keep_pixels`. Unreadable files are an error naming the first,
+    or, with `skip`, left out with a printed count."""
     kept, pixels, bad = [], [], []
     for i, (path, label) in enumerate(found):
         try:
-            if images is not None:
-                pixels.append(images[i][0])
-            else:
-                with Image.open(path) as img:
-                    img.verify()
+            x = images[i][0]
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for a damaged file
             bad.append((path, e))
             continue
         kept.append((path, label))
+        if keep_pixels:
+            pixels.append(x)
     if bad and not skip:
         raise KdsearchError(f"{len(bad)} file(s) under '{root}' cannot be read as images, the first: {bad[0][0]} "
                             f"({first_line(bad[0][1])}): remove or replace them, or set data.skip_unreadable = "
@@ -112,4 +124,6 @@ def readable(found: list[tuple[str, int]], images: ImageFiles | None, skip: bool
     if bad:
         print(f"{root}: left out {len(bad)} unreadable file(s) (data.skip_unreadable), the first: {bad[0][0]}",
               flush=True)
+    if not kept:
+        raise KdsearchError(f"none of the {len(found)} files under '{root}' can be read as images: replace them")
     return kept, pixels

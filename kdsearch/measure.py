@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import fcntl
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +12,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdsearch.config import LatencyConfig
+from kdsearch.timing_lock import timing_alone
 
 
 def count_params(model: nn.Module) -> int:
@@ -50,35 +47,10 @@ class Latency:
         return asdict(self)
 
 
-LOCK_FILE = Path(tempfile.gettempdir()) / "kdsearch-latency.lock"
-_held = [0]  # how deep this process is inside host_timing_lock
-
-
-@contextlib.contextmanager
-def host_timing_lock():
-    """One latency timing at a time on this host, across all kdsearch processes (an flock on a file in the
-    temporary folder); re-entrant within a process."""
-    if _held[0]:
-        _held[0] += 1
-        try:
-            yield
-        finally:
-            _held[0] -= 1
-        return
-    with open(LOCK_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        _held[0] = 1
-        try:
-            yield
-        finally:
-            _held[0] = 0
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
     """Median time of one forward pass of a batch, with torch.utils.benchmark (warm-up, CUDA sync, fixed threads),
-    never while another kdsearch process on this host times one."""
-    with host_timing_lock():
+    alone on this host (see `timing_lock`)."""
+    with timing_alone():
         return _timed(model, input_shape, cfg)
 
 

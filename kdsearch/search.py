@@ -57,6 +57,15 @@ def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path) -> tuple[Da
     return data, teacher, Normalizer(data.mean, data.std, device)
 
 
+def require_same_data(study: optuna.Study, data: Dataset, cfg: StudyConfig) -> None:
+    """A study resumes on the data it was made with: a changed dataset would mix students of two datasets."""
+    made_with = study.user_attrs.get("data", {}).get("fingerprint")
+    if made_with and made_with != data.fingerprint:
+        raise KdsearchError(f"the data in '{cfg.data.data_dir}' differ from those study '{study.study_name}' was "
+                            f"made with (digest {data.fingerprint} against {made_with}): restore them, or pass a new "
+                            "--study-name to start a study on the data as they are now")
+
+
 def teacher_figures(teacher: Teacher) -> dict:
     figures = {k: teacher.metrics[k] for k in ("val_acc", "test_acc", "params", "flops", "latency_ms")}
     return {**figures, "seconds": teacher.metrics.get("seconds", 0.0)}
@@ -66,14 +75,17 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
                    ) -> tuple[str, str]:
     exp_id = tracking.experiment_id(client, study.study_name)
     teacher_params = {**dataclasses.asdict(cfg.teacher), "dataset": cfg.data.dataset, "seed": cfg.seed}
+    stored = study.user_attrs.get("teacher", {})
     figures = teacher_figures(teacher)
+    if stored.get("key") == teacher.key:  # the study's first session measured it: one figure per study, like students'
+        figures = {k: stored.get(k, v) for k, v in figures.items()}
     teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures,
                                           teacher.metrics.get("finished_at"))
     study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", study_run_id)
-    study.set_user_attr("teacher", {**figures, "mlflow_run_id": teacher_run_id})
+    study.set_user_attr("teacher", {**figures, "key": teacher.key, "mlflow_run_id": teacher_run_id})
     study.set_user_attr("data", {"mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
-                                 "num_classes": data.num_classes})
+                                 "num_classes": data.num_classes, "fingerprint": data.fingerprint})
     tracking.log_values(client, study_run_id, tags={"kdsearch.teacher_run_id": teacher_run_id})
     tracking.log_json(client, study_run_id, "config.json", {**cfg.to_dict(), "kdsearch_version": __version__,
                                                              "git_commit": git_commit()})
@@ -160,6 +172,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
     study = open_study(cfg, study_name or cfg.name, store, warm_start_from)
+    require_same_data(study, data, cfg)
     lost = fail_dead_local_trials(study, client)
     if lost:
         print(f"trials {lost} were left RUNNING by a process that has ended: marked FAIL, their MLflow runs closed, "
@@ -239,7 +252,7 @@ def run_until_complete(session: Session, target: int, callbacks: list, failures,
         if complete >= target:
             return
         if len(trials) - first >= give_up_after:
-            raise KdsearchError(_give_up_message(trials[-1], complete, target, len(trials) - first))
+            raise KdsearchError(_give_up_message(trials, complete, target, len(trials) - first))
         waiting = any(t.state == WAITING for t in trials)
         if complete + len(live_trials(trials, cfg.search.grace_period)) >= target and not waiting:
             time.sleep(poll_s)
@@ -258,7 +271,8 @@ def live_trials(trials: list[optuna.trial.FrozenTrial], grace_period: float) -> 
             and now - t.datetime_start.timestamp() < patience]
 
 
-def _give_up_message(last: optuna.trial.FrozenTrial, complete: int, target: int, attempts: int) -> str:
-    reason = last.user_attrs.get("prune_reason") or last.user_attrs.get("fail_reason") or last.state.name
+def _give_up_message(trials: list[optuna.trial.FrozenTrial], complete: int, target: int, attempts: int) -> str:
+    reasons = [t.user_attrs.get("prune_reason") or t.user_attrs.get("fail_reason") for t in trials]
+    reason = next((r for r in reversed(reasons) if r), "see the trials' reasons in MLflow")
     return (f"stopped: only {complete} of {target} trials are complete after {attempts} more were tried (the last: "
             f"{reason}): loosen search.max_params, search.max_latency_ms or the pruner, then resume")

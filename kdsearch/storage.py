@@ -71,8 +71,19 @@ def stale_trial_callback(client: MlflowClient, reason: str = "worker lost: no he
 
 
 def worker_identity() -> dict[str, str]:
-    """This process as trials record it: `worker` is host:pid; `worker_start` tells a reused pid apart."""
-    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_start": _start_time(os.getpid()) or ""}
+    """This process as trials record it: `worker` is host:pid; `worker_start` tells a reused pid apart;
+    `worker_space` names the boot and the pid namespace, so machines or containers that share a host name do not
+    judge each other's pids."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_start": _start_time(os.getpid()) or "",
+            "worker_space": _pid_space()}
+
+
+def _pid_space() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def _start_time(pid: int) -> str | None:
@@ -98,10 +109,12 @@ def _alive(pid: int, start: str) -> bool:
 def fail_dead_local_trials(study: optuna.Study, client: MlflowClient) -> list[int]:
     """Fail the RUNNING trials whose worker was a process on this host that has ended (killed, crashed, a power
     cut), close their MLflow runs and queue them again; return their numbers."""
-    host, failed = socket.gethostname(), []
+    host, space, failed = socket.gethostname(), _pid_space(), []
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         where, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-        if where != host or not pid.isdigit() or _alive(int(pid), t.user_attrs.get("worker_start", "")):
+        if where != host or not pid.isdigit() or t.user_attrs.get("worker_space", space) != space:
+            continue  # another machine's (or container's) process: heartbeats, not pids, tell about it
+        if _alive(int(pid), t.user_attrs.get("worker_start", "")):
             continue
         storage = study._storage  # Optuna's own fail_stale_trials does the same through the storage
         reason = f"worker {where}:{pid} died"

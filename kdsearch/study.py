@@ -29,24 +29,28 @@ def trial_seed(study_seed: int, number: int) -> int:
     return study_seed * 1_000_003 + number
 
 
+# The Optuna features used here that Optuna still calls experimental (multivariate TPE, GP, metric names, stale-trial
+# checks, heartbeats) are settled for our use. Ignored once for the process: a `catch_warnings` block per trial
+# would reset Python's once-only registry and repeat every other warning each trial.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def _sampler_of(name: str) -> Callable[[int], optuna.samplers.BaseSampler]:
     def make(seed: int) -> optuna.samplers.BaseSampler:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if name == "tpe":
-                return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-            if name == "nsga2":
-                return optuna.samplers.NSGAIISampler(seed=seed)
-            if name == "gp":
-                return optuna.samplers.GPSampler(seed=seed)
-            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     return make
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler made afresh for each trial, seeded with `trial_seed(seed, trial.number)`. The samplers
-    keep nothing between trials that they do not read back from the study (NSGA-II its generations, TPE and GP
-    the finished trials), so only the random state changes."""
+    """An Optuna sampler made afresh for each trial, seeded with `trial_seed(seed, trial.number)`. What the samplers
+    decide from is read back from the study (the finished trials; NSGA-II's generations), so only the random state
+    changes; the GP sampler also loses the warm start of its kernel fit, which costs it time, not quality."""
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
@@ -94,12 +98,11 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
     stored = study.user_attrs.get("config")
     if stored is None:
         study.set_user_attr("config", wanted)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(METRIC_NAMES[cfg.search.mode])  # optuna-dashboard shows these names
     elif _older_defaults_filled(stored) != wanted:
         raise KdsearchError(f"study '{study_name}' exists with a different study file: pass a new --study-name, "
                             "or resume with the file it was started with")
+    if study.metric_names is None:  # optuna-dashboard shows these names (also for studies made before they were set)
+        study.set_metric_names(METRIC_NAMES[cfg.search.mode])
     new = not study.trials
     if earlier is not None:
         if new:

@@ -20,12 +20,13 @@ from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, correct, train
 from kdsearch.engine import PhaseTimer, prepare_model
-from kdsearch.measure import count_flops, count_params, host_timing_lock, measure_latency, size_bytes
+from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
 from kdsearch.models import Architecture, build_model, student_width
 from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
 from kdsearch.storage import worker_identity
 from kdsearch.study import trial_seed
 from kdsearch.teacher import Teacher
+from kdsearch.timing_lock import timing_alone, training_epoch
 
 
 @dataclass
@@ -143,7 +144,7 @@ def study_cost(ctx: StudyContext, study: optuna.Study, arch: Architecture, model
     if key not in ctx.costs:
         stored = _stored_cost(study, key)
         if stored is None:
-            with host_timing_lock():
+            with timing_alone():
                 stored = _stored_cost(study, key)  # another worker on this host may have measured it meanwhile
                 if stored is None:
                     stored = measure_cost(model, ctx.data.input_shape, ctx.cfg)
@@ -195,7 +196,8 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
 
     teacher = ctx.teacher.targets(cfg.data.augment)
     try:
-        return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer)
+        return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer,
+                     training_epoch)
     finally:  # once, however training ends: the pruner reads it from finished trials only (MLflow has each epoch)
         if history:
             with timer("tracking"):

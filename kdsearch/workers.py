@@ -62,14 +62,14 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     if lost:
         print(f"workers {lost} ended with an error or were killed", flush=True)
     report_study(study, Path(reports_dir), session.ctx.client)
-    if complete < target:
-        if cfg.search.timeout and time.time() - started >= cfg.search.timeout:
-            print(f"timeout: {complete} of {target} trials are complete; run the same command again to add more",
-                  flush=True)
-            return study
-        raise KdsearchError(f"only {complete} of {target} trials are complete: see the workers' messages above, "
-                            "then run the same command again to resume")
-    return study
+    if complete >= target:
+        return study
+    if not lost and cfg.search.timeout and time.time() - started >= cfg.search.timeout:
+        print(f"timeout: {complete} of {target} trials are complete; run the same command again to add more",
+              flush=True)
+        return study
+    raise KdsearchError(f"only {complete} of {target} trials are complete: see the workers' messages above, "
+                        "then run the same command again to resume")
 
 
 def watch(procs: list[subprocess.Popen], study: optuna.Study, client, poll_s: float = 0.5) -> list[int]:

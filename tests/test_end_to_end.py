@@ -76,7 +76,8 @@ def test_mlflow_has_study_run_nested_trials_and_teacher(first_study):
     assert study.metric_names == ["val_acc", "params", "latency_ms"]  # optuna-dashboard's axis names
     report = {a.path for a in client.list_artifacts(study_run.info.run_id, "report")}
     assert report == {f"report/{name}" for name in
-                      ("pareto.csv", "pareto.html", "pareto.png", "search.html", "kd_gain.json")}
+                      ("pareto.csv", "pareto.html", "pareto.png", "search.html", "search.png", "kd_gain.json",
+                       "importance.json")}
 
 
 def test_report_shows_the_kd_gain_of_the_baselines(first_study):

@@ -63,17 +63,25 @@ def test_every_depth_reduces_8x8_inputs(depth):
     assert out.shape == (2, 10)
 
 
-def test_latency_timings_on_one_host_never_overlap(tmp_path):
-    """While one process times a latency, another cannot start timing (and one process may nest the lock)."""
+def probe(path, mode: str) -> str:
+    """Whether another process could take the lock file `path` now ('free') or would wait ('held')."""
     import subprocess
     import sys
 
-    from kdsearch.measure import LOCK_FILE, host_timing_lock
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            f"try:\n    fcntl.flock(fd, fcntl.LOCK_{mode} | fcntl.LOCK_NB); print('free')\n"
+            "except BlockingIOError:\n    print('held')")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True).stdout.strip()
 
-    probe = ("import fcntl, sys; f = open(sys.argv[1], 'a')\n"
-             "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
-             "except BlockingIOError:\n    print('held')")
-    with host_timing_lock(), host_timing_lock():
-        inside = subprocess.run([sys.executable, "-c", probe, str(LOCK_FILE)], capture_output=True, text=True)
-    after = subprocess.run([sys.executable, "-c", probe, str(LOCK_FILE)], capture_output=True, text=True)
-    assert (inside.stdout.strip(), after.stdout.strip()) == ("held", "free")
+
+def test_a_latency_timing_runs_alone_on_its_host():
+    """While one process times a latency, no other may time one or start a training epoch; epochs of several
+    processes run side by side; the lock files are writable by every user."""
+    from kdsearch.timing_lock import GATE, ROOM, timing_alone, training_epoch
+
+    with timing_alone(), timing_alone():  # re-entrant
+        assert (probe(GATE, "SH"), probe(ROOM, "SH")) == ("held", "held")  # no epoch may start or run
+    with training_epoch():
+        assert (probe(GATE, "EX"), probe(ROOM, "EX"), probe(ROOM, "SH")) == ("free", "held", "free")
+    assert (probe(GATE, "EX"), probe(ROOM, "EX")) == ("free", "free")
+    assert GATE.stat().st_mode & 0o777 == ROOM.stat().st_mode & 0o777 == 0o666

@@ -55,6 +55,7 @@ def test_val_folder_labels_classes_as_train_does_even_when_it_lacks_one(tmp_path
     (lambda r: (images(r), (r / "emu").mkdir()), "the class folder(s) emu hold no images"),
     (lambda r: (images(r / "train"), images(r / "val", classes=("cat", "owl"))),
      "has classes that"),
+    (lambda r: (images(r / "train"), images(r / "val"), images(r / "valid")), "has two folders for one split"),
 ])
 def test_trees_that_would_be_misread_are_one_line_errors(tmp_path, make, expected):
     make(tmp_path)
@@ -74,6 +75,43 @@ def test_unreadable_images_are_an_error_naming_the_first_or_skipped_when_asked(t
     data = load(tmp_path, skip_unreadable=True)
     assert len(data.train) + len(data.val) + len(data.test) == 10
     assert "left out 2 unreadable file(s)" in capsys.readouterr().out
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    images(tmp_path)
+    images(tmp_path / ".ipynb_checkpoints", classes=("cat",), per_class=1)
+    assert load(tmp_path).classes == ("cat", "dog")
+
+
+def truncated_jpeg(path):
+    """A JPEG cut short: its header reads fine (PIL's verify() passes it), its pixels do not."""
+    Image.effect_noise((64, 64), 60).convert("RGB").save(path, format="JPEG")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+
+
+@pytest.mark.parametrize("memory_gb", [0.0, 1e-9])  # held in memory, and streamed from disk
+def test_a_truncated_image_is_caught_before_training_however_the_data_are_read(tmp_path, memory_gb):
+    images(tmp_path)
+    truncated_jpeg(tmp_path / "cat" / "2.png")
+    with pytest.raises(KdsearchError, match=r"^1 file\(s\) under .*/cat/2.png \(image file is truncated"):
+        load(tmp_path, memory_gb=memory_gb)
+    data = load(tmp_path, memory_gb=memory_gb, skip_unreadable=True)
+    assert len(data.train) + len(data.val) + len(data.test) == 11
+
+
+def test_skipping_that_empties_a_split_or_a_class_is_an_error(tmp_path):
+    images(tmp_path / "train")
+    images(tmp_path / "test", per_class=1)
+    for f in (tmp_path / "test").rglob("*.png"):
+        f.write_bytes(b"broken")
+    with pytest.raises(KdsearchError, match="none of the 2 files under .*test' can be read as images"):
+        load(tmp_path, skip_unreadable=True)
+    images(tmp_path / "test", per_class=1)
+    for f in (tmp_path / "train" / "dog").glob("*.png"):
+        f.write_bytes(b"broken")
+    with pytest.raises(KdsearchError, match="the class folder\\(s\\) dog hold no readable images"):
+        load(tmp_path, skip_unreadable=True)
 
 
 def teacher_dirs(workdir):
@@ -118,3 +156,24 @@ def test_the_teachers_latency_follows_the_latency_settings(workdir):
     for name, batch in (("one", 1), ("two", 64)):
         study = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/optuna.db")
         assert study.user_attrs["teacher"]["latency_ms"] == by_settings[batch]
+
+
+def test_a_changed_dataset_is_refused_on_resume(workdir, capsys):
+    images(workdir / "pics")
+    args = ["run-study", "--data-dir", str(workdir / "pics"), "--study-name", "pics", *ARGS]
+    assert main(args) == 0
+    images(workdir / "pics", classes=("cat", "dog", "emu"))  # the user adds a class
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "differ from those study 'pics' was made with" in err and "\n" not in err
+
+
+def test_the_study_keeps_its_first_teacher_figures_whatever_the_cache(workdir):
+    import optuna
+
+    assert main(["run-study", "--n-trials", "1", *fast()]) == 0
+    first = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db").user_attrs["teacher"]
+    assert main(["run-study", "--n-trials", "1", *fast(), "--cache-dir", str(workdir / "other-cache")]) == 0
+    again = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db").user_attrs["teacher"]
+    assert again["latency_ms"] == first["latency_ms"] and again["params"] == first["params"]

@@ -55,3 +55,30 @@ def test_a_study_made_before_a_key_existed_resumes(tmp_path):
     del stored["search"]["baseline_repeats"]  # as kdsearch stored it before that key existed
     study.set_user_attr("config", stored)
     assert open_study(config("tpe"), "old", open_storage(url)).study_name == "old"
+
+
+def test_dead_workers_are_judged_only_in_their_own_pid_space(tmp_path):
+    """A RUNNING trial of a pid that no longer exists is failed when it ran in this host's pid space, and left to
+    heartbeats when it ran in another (a container or machine sharing the host name)."""
+    from mlflow import MlflowClient
+
+    from kdsearch.storage import fail_dead_local_trials, worker_identity
+
+    study = open_study(config("random"), "dead", open_storage(f"sqlite:///{tmp_path}/dead.db"))
+    me = worker_identity()
+    host = me["worker"].rpartition(":")[0]
+    gone = {"worker": f"{host}:999999", "worker_start": "1"}  # no such pid
+    for space in (me["worker_space"], "another-boot:pid:[1]"):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                                  user_attrs={**gone, "worker_space": space}))
+    assert fail_dead_local_trials(study, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")) == [0]
+    states = [t.state for t in study.trials]
+    assert states[:2] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
+
+
+def test_metric_names_are_set_on_a_study_made_without_them(tmp_path):
+    url = f"sqlite:///{tmp_path}/named.db"
+    study = open_study(config("tpe"), "named", open_storage(url))
+    study._storage.set_study_system_attr(study._study_id, "study:metric_names", None)
+    assert optuna.load_study(study_name="named", storage=url).metric_names is None
+    assert open_study(config("tpe"), "named", open_storage(url)).metric_names == ["val_acc", "params", "latency_ms"]

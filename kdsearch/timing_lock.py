@@ -1,0 +1,73 @@
+"""Latency is timed alone on a host: no two kdsearch timings at once, and no kdsearch training epoch running
+beside one (on a CPU, workers that train while another times would slow its student down and that figure would be
+kept for the whole study).
+
+Two lock files in the temporary folder make a turnstile: a timing takes the gate, then the room, both exclusive; a
+training epoch passes the gate (shared, released at once) and holds the room shared while it runs. Once a timing
+holds the gate no new epoch starts, the epochs under way finish, and the timing runs alone; epochs never wait for
+each other. The files are made writable for every user, so the processes of several users share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+GATE = Path(tempfile.gettempdir()) / "kdsearch-latency-gate.lock"
+ROOM = Path(tempfile.gettempdir()) / "kdsearch-latency.lock"
+_timing = [0]  # how deep this process is inside `timing_alone`
+
+
+def _open(path: Path) -> int:
+    """The lock file, made read-write for everyone; a file another user made read-only falls back to a per-user
+    one (that user's processes then lock among themselves only)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path.with_name(f"{path.stem}-{os.getuid()}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    with contextlib.suppress(PermissionError):
+        os.fchmod(fd, 0o666)  # the umask took write access from the others
+    return fd
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int):
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def timing_alone():
+    """Hold while timing a latency: waits for other timings and for epochs under way; re-entrant."""
+    if _timing[0]:
+        _timing[0] += 1
+        try:
+            yield
+        finally:
+            _timing[0] -= 1
+        return
+    with _locked(GATE, fcntl.LOCK_EX), _locked(ROOM, fcntl.LOCK_EX):
+        _timing[0] = 1
+        try:
+            yield
+        finally:
+            _timing[0] = 0
+
+
+@contextlib.contextmanager
+def training_epoch():
+    """Hold while a training epoch runs: waits only while a timing is under way or about to start."""
+    if _timing[0]:  # this process is timing; nothing of its own to wait for
+        yield
+        return
+    with _locked(GATE, fcntl.LOCK_SH):
+        pass
+    with _locked(ROOM, fcntl.LOCK_SH):
+        yield
