@@ -102,19 +102,22 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def study_progress(study: optuna.Study, target: int, complete_only: bool) -> str:
-    """`[k/N]`: the study's finished trials (or, for workers, its complete ones) against the target, whoever ran
-    them."""
+def study_progress(study: optuna.Study, target: int, complete_only: bool, mine: int) -> str:
+    """Workers: `[k/N complete]`, the study's complete trials against the target, whoever ran them. One process:
+    `[i/n, k in the study]`, its own trials against its --n-trials and the study's finished trials (other
+    machines may be adding theirs)."""
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    done = states.count(COMPLETE) if complete_only else sum(s.is_finished() for s in states)
-    return f"[{done}/{target}{' complete' if complete_only else ''}]"
+    if complete_only:
+        return f"[{states.count(COMPLETE)}/{target} complete]"
+    return f"[{mine}/{target}, {sum(s.is_finished() for s in states)} in the study]"
 
 
 def print_progress(target: int, started: float, complete_only: bool = False):
     """An Optuna callback printing one line per finished trial."""
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        callback.mine += 1
         p = trial.params
-        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only)} width "
+        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, callback.mine)} width "
                 f"{p.get('width', 0):.2f} depth {p.get('depth', 0)} T {p.get('temperature', 0):5.2f} "
                 f"alpha {p.get('alpha', 0):.2f} lr {p.get('lr', 0):.3f}")
         a = trial.user_attrs
@@ -127,6 +130,7 @@ def print_progress(target: int, started: float, complete_only: bool = False):
             tail += f" [baseline {a['baseline']}]"
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         print(f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)", flush=True)
+    callback.mine = 0
     return callback
 
 
@@ -194,7 +198,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    progress = print_progress(until_complete or finished + cfg.search.n_trials, time.time(), bool(until_complete))
+    progress = print_progress(until_complete or cfg.search.n_trials, time.time(), bool(until_complete))
     callbacks = [progress, release_memory_after_failure, failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
     print(f"study '{study.study_name}': {finished} trials so far, running "

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from kdsearch import KdsearchError, first_line, tracking
 
 JOURNAL = "journal:"
-RETRY_KEEPS = ("baseline", "baseline_pair", "seed")  # user attributes a re-queued trial inherits
+RETRY_KEEPS = ("baseline", "baseline_pair", "seed", "warm_start")  # user attributes a re-queued trial inherits
 
 
 def is_sqlite(url: str) -> bool:
@@ -70,12 +70,12 @@ def stale_trial_callback(client: MlflowClient, reason: str = "worker lost: no he
     return callback
 
 
-def worker_identity() -> dict[str, str]:
-    """This process as trials record it: `worker` is host:pid; `worker_start` tells a reused pid apart;
-    `worker_space` names the boot and the pid namespace, so machines or containers that share a host name do not
-    judge each other's pids."""
-    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_start": _start_time(os.getpid()) or "",
-            "worker_space": _pid_space()}
+def worker_identity() -> dict:
+    """This process as trials record it (two attribute writes): `worker` is host:pid; in `worker_process`, `start`
+    tells a reused pid apart and `space` names the boot and the pid namespace, so machines or containers that share
+    a host name do not judge each other's pids."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}",
+            "worker_process": {"start": _start_time(os.getpid()) or "", "space": _pid_space()}}
 
 
 def _pid_space() -> str:
@@ -112,9 +112,10 @@ def fail_dead_local_trials(study: optuna.Study, client: MlflowClient) -> list[in
     host, space, failed = socket.gethostname(), _pid_space(), []
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         where, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-        if where != host or not pid.isdigit() or t.user_attrs.get("worker_space", space) != space:
+        process = t.user_attrs.get("worker_process", {})
+        if where != host or not pid.isdigit() or process.get("space", space) != space:
             continue  # another machine's (or container's) process: heartbeats, not pids, tell about it
-        if _alive(int(pid), t.user_attrs.get("worker_start", "")):
+        if _alive(int(pid), process.get("start", "")):
             continue
         storage = study._storage  # Optuna's own fail_stale_trials does the same through the storage
         reason = f"worker {where}:{pid} died"

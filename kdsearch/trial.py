@@ -100,8 +100,10 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
                     trial.set_user_attr(f"{name}_correct", correct_bits(model, split, ctx.normalize))
         with timer("tracking"):
             trial.set_user_attr("test_acc", cost["test_acc"])
-            cost["latency_ms"] = settled_latency(trial.study, arch, cost["latency_ms"])
-            trial.set_user_attr("latency_ms", cost["latency_ms"])
+            settled = settled_latency(trial.study, arch, cost["latency_ms"])
+            if settled != cost["latency_ms"]:
+                cost["latency_ms"] = settled
+                trial.set_user_attr("latency_ms", settled)
             _log_weights(ctx.client, run_id, model, arch, data.input_shape[1])
         trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
         times = {f"time_{k}_s": v for k, v in timer.seconds.items()}

@@ -90,10 +90,12 @@ def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
     assert study.trials[0].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory"
 
 
-def test_journal_file_storage_runs_and_resumes(workdir):
+def test_journal_file_storage_runs_and_resumes(workdir, capsys):
     journal = f"journal:{workdir / 'studies.journal'}"
     assert main(["run-study", "--n-trials", "2", "--storage", journal, *FAST]) == 0
+    capsys.readouterr()
     assert main(["run-study", "--n-trials", "1", "--storage", journal, *FAST]) == 0
+    assert "trial   2 [1/1, 3 in the study]" in capsys.readouterr().out  # this run's count and the study's
     from kdsearch.storage import open_storage
 
     study = optuna.load_study(study_name="digits", storage=open_storage(journal))

@@ -67,10 +67,9 @@ def test_dead_workers_are_judged_only_in_their_own_pid_space(tmp_path):
     study = open_study(config("random"), "dead", open_storage(f"sqlite:///{tmp_path}/dead.db"))
     me = worker_identity()
     host = me["worker"].rpartition(":")[0]
-    gone = {"worker": f"{host}:999999", "worker_start": "1"}  # no such pid
-    for space in (me["worker_space"], "another-boot:pid:[1]"):
-        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
-                                                  user_attrs={**gone, "worker_space": space}))
+    for space in (me["worker_process"]["space"], "another-boot:pid:[1]"):
+        gone = {"worker": f"{host}:999999", "worker_process": {"start": "1", "space": space}}  # no such pid
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs=gone))
     assert fail_dead_local_trials(study, MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")) == [0]
     states = [t.state for t in study.trials]
     assert states[:2] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING]
