@@ -2,13 +2,14 @@
 (multi-fidelity) pruning, several seeds, one study at a time.
 
     python benchmarks/bench_pruning.py [--study digits] [--n-trials 20] [--seeds 0 1 2] [--pruners none dominated rungs]
+                                       [--pruned-trials 40]
     python benchmarks/bench_pruning.py --study mnist --set data.data_dir='../shared/data' --set distill.epochs=8
 
 Prints, per seed and pruner, the study's wall time (teacher cached beforehand), its pruned trials, the hypervolume of
 its final front (the report's one definition, `kdsearch.report.hypervolume`) and the seconds from its first trial
-until it reached the final hypervolume of the unpruned study of the same seed ("-" if it never did); then the means, and each pruner's
-time against the unpruned study's. Same sampler seed in every arm, so the studies sample the same first trials and
-differ only once pruning changes what the sampler has seen.
+until it reached the final hypervolume of the unpruned study of the same seed ("-" if it never did); then the
+means, and each pruner's time against the unpruned study's. Same sampler seed in every arm, so the studies sample
+the same first trials and differ only once pruning changes what the sampler has seen.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pruners", nargs="+", default=["none", "dominated", "rungs"])
+    parser.add_argument("--pruned-trials", type=int, help="trials of the pruned arms (default: --n-trials), so that "
+                                                          "they may spend the time they save on more students")
     parser.add_argument("--set", action="append", default=[], help="study-file overrides, as for run-study")
     args = parser.parse_args()
     rows: dict[str, list] = {p: [] for p in args.pruners}
@@ -40,7 +43,8 @@ def main() -> None:
     for seed in args.seeds:
         target = None
         for pruner in args.pruners:
-            cfg = study_config(args.study, [f"seed={seed}", f"search.n_trials={args.n_trials}",
+            n = args.n_trials if pruner == "none" else (args.pruned_trials or args.n_trials)
+            cfg = study_config(args.study, [f"seed={seed}", f"search.n_trials={n}",
                                             f"search.pruner='{pruner}'", *args.set])
             study, seconds = timed_study(cfg)
             pruned = sum(t.state.name == "PRUNED" for t in study.trials)
