@@ -57,14 +57,16 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
         session.ctx.client.set_terminated(session.ctx.study_run_id, "KILLED")
         raise
     complete = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
-    session.ctx.client.set_terminated(session.ctx.study_run_id, "FINISHED" if complete >= target else "FAILED")
     lost = [i for i, code in enumerate(codes) if code != 0]
+    timed_out = not lost and cfg.search.timeout and time.time() - started >= cfg.search.timeout
+    session.ctx.client.set_terminated(session.ctx.study_run_id,
+                                      "FINISHED" if complete >= target or timed_out else "FAILED")
     if lost:
         print(f"workers {lost} ended with an error or were killed", flush=True)
     report_study(study, Path(reports_dir), session.ctx.client)
     if complete >= target:
         return study
-    if not lost and cfg.search.timeout and time.time() - started >= cfg.search.timeout:
+    if timed_out:
         print(f"timeout: {complete} of {target} trials are complete; run the same command again to add more",
               flush=True)
         return study
