@@ -89,9 +89,9 @@ class RungPruner(NoPruner):
     al. 2021). Rungs sit at epochs min_epochs * eta**k before the last epoch. A trial that reaches a rung records
     its val_acc there (a user attribute, so every worker sees it) and is ranked against every trial of the study
     that reached the same rung, finished or still running, on (val_acc at that epoch, params, latency_ms): by
-    non-dominated sorting, ties within a front broken by NSGA-II's crowding distance (log10 params), so the
-    smallest, fastest and most accurate students of a front stay. It goes on if it is among the best
-    ceil(n / eta); with fewer than eta trials at the rung there is nothing to judge and it goes on."""
+    non-dominated sorting, ties within a front broken by NSGA-II's crowding distance (log10 params). It goes on if
+    it is among the best ceil(n / eta), or non-dominated at the rung (stopping those made fronts worse on every
+    seed measured: see BENCHMARKS); with fewer than eta trials at the rung there is nothing to judge."""
 
     def __init__(self, epochs: int, eta: int = 3, min_epochs: int = 1):
         self.eta, self.cost = eta, {}
@@ -111,7 +111,7 @@ class RungPruner(NoPruner):
         if len(points) < self.eta:
             return
         order, ranks = rung_order(points)
-        keep = math.ceil(len(points) / self.eta)
+        keep = max(math.ceil(len(points) / self.eta), sum(r == 0 for r in ranks.values()))
         place = order.index(trial.number)
         if place >= keep:
             kept = order[:keep]

@@ -62,13 +62,21 @@ def test_a_trial_outside_the_best_third_is_stopped_with_its_rung_rank_and_rivals
     assert trial.user_attrs["prune_rung"] == {"epoch": 1, "rank": 2, "place": 3, "trials": 6, "kept": [3, 0]}
 
 
-def test_a_trial_that_is_smaller_than_everyone_at_the_rung_goes_on():
+def test_a_trial_non_dominated_at_the_rung_goes_on_even_outside_the_best_third():
     study = study_with([(0.9, 500, 0.1), (0.8, 500, 0.1), (0.7, 500, 0.1), (0.95, 400, 0.1), (0.6, 500, 0.1)],
                        [State.COMPLETE] * 5)
     pruner = RungPruner(epochs=9, eta=3)
     trial = FakeTrial(study, 5)
     pruner.before_training(trial, {"params": 50, "latency_ms": 0.1})  # least accurate, but 8x smaller: an extreme
     pruner.after_epoch(trial, 1, 0.5)
+    # three non-dominated at the rung (each smallest for its accuracy), only 2 = ceil(6 / 3) places: all go on
+    study = study_with([(0.9, 500, 0.1), (0.8, 500, 0.1), (0.7, 500, 0.1), (0.95, 400, 0.1), (0.6, 300, 0.1)],
+                       [State.COMPLETE] * 5)
+    trial = FakeTrial(study, 5)
+    pruner.before_training(trial, {"params": 50, "latency_ms": 0.1})
+    pruner.after_epoch(trial, 1, 0.1)
+    assert rung_order([(n, *v) for n, v in enumerate([(0.95, 400, 0.1), (0.6, 300, 0.1), (0.1, 50, 0.1)])])[1] == {
+        0: 0, 1: 0, 2: 0}
 
 
 def test_no_judgement_with_too_few_trials_at_the_rung_nor_between_rungs():
