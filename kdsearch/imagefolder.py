@@ -47,8 +47,9 @@ def split_folders(root: Path) -> dict[str, Path]:
     named = [p for p in folders if p.name.lower() in SPLIT_NAMES]
     splits = {SPLIT_NAMES[p.name.lower()]: p for p in named}
     if len(splits) < len(named):
-        raise KdsearchError(f"image folder '{root}' has two folders for one split ({', '.join(p.name for p in named)})"
-                            ": keep one of val/, valid/, validation/")
+        twins = [p.name for p in named if SPLIT_NAMES[p.name.lower()] == "val"]
+        raise KdsearchError(f"image folder '{root}' has two folders for one split ({', '.join(twins)}): keep one "
+                            "of val/, valid/, validation/")
     if not splits:
         return {"train": root}
     others = [p.name for p in folders if p.name.lower() not in SPLIT_NAMES]

@@ -24,9 +24,9 @@ from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
-from kdsearch.measure import warm_up
+from kdsearch.measure import measure_latency, warm_up
 from kdsearch.models import Architecture, build_model
-from kdsearch.storage import fail_dead_local_trials, open_storage, stale_trial_callback
+from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_attrs, stale_trial_callback
 from kdsearch.study import open_study
 from kdsearch.teacher import Teacher, get_teacher
 from kdsearch.trial import StudyContext, objective
@@ -49,19 +49,22 @@ def resolve_device(name: str | None) -> torch.device:
         raise KdsearchError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
 
 
-def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path) -> tuple[Dataset, Teacher, Normalizer]:
-    """Data on the device and the teacher with its cached logits: checked before any study is created."""
+def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name: str, storage: str
+            ) -> tuple[Dataset, Teacher, Normalizer]:
+    """Data on the device and the teacher with its cached logits: checked before any study is created (and, for
+    a study that exists, the data checked against it before any teacher is trained)."""
     data = load_dataset(cfg.data, cfg.seed)
+    require_same_data(peek_study_attrs(storage, study_name), data, cfg, study_name)
     data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
     teacher = get_teacher(cfg, data, device, cache_dir)  # its own .to(device) calls are no-ops now
     return data, teacher, Normalizer(data.mean, data.std, device)
 
 
-def require_same_data(study: optuna.Study, data: Dataset, cfg: StudyConfig) -> None:
+def require_same_data(study_attrs: dict, data: Dataset, cfg: StudyConfig, study_name: str) -> None:
     """A study resumes on the data it was made with: a changed dataset would mix students of two datasets."""
-    made_with = study.user_attrs.get("data", {}).get("fingerprint")
+    made_with = study_attrs.get("data", {}).get("fingerprint")
     if made_with and made_with != data.fingerprint:
-        raise KdsearchError(f"the data in '{cfg.data.data_dir}' differ from those study '{study.study_name}' was "
+        raise KdsearchError(f"the data in '{cfg.data.data_dir}' differ from those study '{study_name}' was "
                             f"made with (digest {data.fingerprint} against {made_with}): restore them, or pass a new "
                             "--study-name to start a study on the data as they are now")
 
@@ -79,6 +82,8 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     figures = teacher_figures(teacher)
     if stored.get("key") == teacher.key:  # the study's first session measured it: one figure per study, like students'
         figures = {k: stored.get(k, v) for k, v in figures.items()}
+    else:  # a new study times its teacher now, beside its first students: the hypervolume's reference point
+        figures["latency_ms"] = measure_latency(teacher.model, data.input_shape, cfg.latency).median_ms
     teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures,
                                           teacher.metrics.get("finished_at"))
     study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
@@ -128,6 +133,8 @@ def print_progress(target: int, started: float, complete_only: bool = False):
             tail = f"{trial.state.name} ({cost}): {a.get('prune_reason') or a.get('fail_reason', '')}"
         if "baseline" in a:
             tail += f" [baseline {a['baseline']}]"
+        if "warm_start" in a:
+            tail += f" [warm start from {a['warm_start']}]"
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         print(f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)", flush=True)
     callback.mine = 0
@@ -167,7 +174,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     require_visible_cuda(latency_device, f"latency.device = {latency_device!r}", "set latency.device = 'cpu'")
     configure_device(dev, cfg.engine.threads)
     started = time.time()
-    data, teacher, normalize = prepare(cfg, dev, Path(cache_dir))
+    data, teacher, normalize = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, storage)
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
     tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=1, depth=1), data.input_shape[1])
@@ -176,7 +183,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
     study = open_study(cfg, study_name or cfg.name, store, warm_start_from)
-    require_same_data(study, data, cfg)
+    require_same_data(study.user_attrs, data, cfg, study.study_name)  # another process may have made it meanwhile
     lost = fail_dead_local_trials(study, client)
     if lost:
         print(f"trials {lost} were left RUNNING by a process that has ended: marked FAIL, their MLflow runs closed, "

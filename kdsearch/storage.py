@@ -55,6 +55,18 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
                             "that the database server is running and reachable") from None
 
 
+def peek_study_attrs(url: str, study_name: str) -> dict:
+    """The user attributes of an existing study, or {} when there is none (a SQLite or journal file that does not
+    exist yet is not created)."""
+    path = url[len("sqlite:///"):] if is_sqlite(url) else url[len(JOURNAL):] if url.startswith(JOURNAL) else None
+    if path is not None and not (path and Path(path).is_file()):
+        return {}
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(url)).user_attrs
+    except KeyError:
+        return {}
+
+
 def stale_trial_callback(client: MlflowClient, reason: str = "worker lost: no heartbeat",
                          max_retry: int = 2) -> Callable:
     """Close a dead worker's trial run in MLflow, then queue the trial again with the same parameters."""

@@ -106,7 +106,7 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
     new = not study.trials
     if earlier is not None:
         if new:
-            enqueue_front(study, cfg, earlier)
+            enqueue_front(study, cfg, earlier, skip_baselines=cfg.search.baselines)
         else:
             print(f"--warm-start-from {warm_start_from}: study '{study_name}' already has trials; nothing enqueued")
     if cfg.search.baselines and new:
@@ -128,11 +128,14 @@ def search_space(cfg: StudyConfig) -> dict[str, tuple]:
     return {"width": s.width, "depth": s.depth, "temperature": d.temperature, "alpha": d.alpha, "lr": d.lr}
 
 
-def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study) -> list[int]:
+def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study, skip_baselines: bool = False
+                  ) -> list[int]:
     """Enqueue the students of `earlier`'s front (its best trials) that lie in this study's search space; return
-    their trial numbers in `earlier`."""
+    their trial numbers in `earlier`. With `skip_baselines`, its baselines are left to this study's own."""
     space, taken, outside = search_space(cfg), [], []
     for t in earlier.best_trials:
+        if skip_baselines and "baseline" in t.user_attrs:
+            continue
         params = {k: t.params[k] for k in space if k in t.params}
         if len(params) == len(space) and all(lo <= params[k] <= hi for k, (lo, hi) in space.items()):
             study.enqueue_trial(params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})

@@ -23,6 +23,7 @@ from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, 
 from kdsearch.engine import prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency
 from kdsearch.models import FAMILY_VERSION, Architecture, build_model
+from kdsearch.timing_lock import training_epoch
 
 
 @dataclass
@@ -74,7 +75,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         t = cfg.teacher
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
                                  seed=cfg.seed, augment=cfg.data.augment)
-        train(model, data.train.to(device), data.val.to(device), normalize, settings)
+        train(model, data.train.to(device), data.val.to(device), normalize, settings, epoch_guard=training_epoch)
     logits = split_logits(model, data.train.to(device), normalize)
     metrics = {
         "val_acc": accuracy(model, data.val.to(device), normalize),

@@ -1,6 +1,6 @@
-"""Latency is timed alone on a host: no two kdsearch timings at once, and no kdsearch training epoch running
-beside one (on a CPU, workers that train while another times would slow its student down and that figure would be
-kept for the whole study).
+"""Latency is timed alone on a host: no two kdsearch timings at once, and no kdsearch training epoch or
+evaluation (students' and teachers') running beside one (on a CPU, workers that train while another times would
+slow its student down, and that figure would be kept for the whole study).
 
 Two lock files in the temporary folder make a turnstile: a timing takes the gate, then the room, both exclusive; a
 training epoch passes the gate (shared, released at once) and holds the room shared while it runs. Once a timing
@@ -19,15 +19,20 @@ from pathlib import Path
 GATE = Path(tempfile.gettempdir()) / "kdsearch-latency-gate.lock"
 ROOM = Path(tempfile.gettempdir()) / "kdsearch-latency.lock"
 _timing = [0]  # how deep this process is inside `timing_alone`
+_in_epoch = [False]
 
 
 def _open(path: Path) -> int:
-    """The lock file, made read-write for everyone; a file another user made read-only falls back to a per-user
-    one (that user's processes then lock among themselves only)."""
+    """The lock file, read-write for everyone. An existing file is opened without O_CREAT (which the kernel refuses
+    on another user's file in /tmp where fs.protected_regular is set); a file another user left read-only falls
+    back to a per-user one (that user's processes then lock among themselves only)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
     except PermissionError:
-        return os.open(path.with_name(f"{path.stem}-{os.getuid()}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        return os.open(path.with_name(f"{path.stem}-{os.getuid()}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     with contextlib.suppress(PermissionError):
         os.fchmod(fd, 0o666)  # the umask took write access from the others
     return fd
@@ -40,12 +45,16 @@ def _locked(path: Path, mode: int):
         fcntl.flock(fd, mode)
         yield
     finally:
-        os.close(fd)  # closing releases the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)  # explicitly: forked DataLoader workers share the lock until they exit
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def timing_alone():
-    """Hold while timing a latency: waits for other timings and for epochs under way; re-entrant."""
+    """Hold while timing a latency: waits for other timings and for epochs under way; re-entrant. Never time
+    inside a training epoch of the same process (it would wait for itself)."""
+    if _in_epoch[0]:
+        raise RuntimeError("a latency timing inside a training epoch would wait for that epoch")
     if _timing[0]:
         _timing[0] += 1
         try:
@@ -70,4 +79,8 @@ def training_epoch():
     with _locked(GATE, fcntl.LOCK_SH):
         pass
     with _locked(ROOM, fcntl.LOCK_SH):
-        yield
+        _in_epoch[0] = True
+        try:
+            yield
+        finally:
+            _in_epoch[0] = False

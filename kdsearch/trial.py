@@ -93,7 +93,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
         pruner.before_training(trial, cost)
         with timer("train"):
             cost["val_acc"] = distill_student(ctx, trial, model, hp, seed, run_id, timer, pruner)
-        with timer("evaluate"):
+        with timer("evaluate"), training_epoch():  # compute like an epoch's: never beside a latency timing
             cost["test_acc"] = accuracy(model, data.test, ctx.normalize)
             if "baseline" in trial.user_attrs:  # the KD gain's standard error pairs the baselines image by image
                 for name, split in (("val", data.val), ("test", data.test)):

@@ -85,3 +85,12 @@ def test_a_latency_timing_runs_alone_on_its_host():
         assert (probe(GATE, "EX"), probe(ROOM, "EX"), probe(ROOM, "SH")) == ("free", "held", "free")
     assert (probe(GATE, "EX"), probe(ROOM, "EX")) == ("free", "free")
     assert GATE.stat().st_mode & 0o777 == ROOM.stat().st_mode & 0o777 == 0o666
+
+
+def test_a_timing_inside_a_training_epoch_is_refused_not_deadlocked():
+    from kdsearch.timing_lock import timing_alone, training_epoch
+
+    with pytest.raises(RuntimeError, match="inside a training epoch"), training_epoch(), timing_alone():
+        pass
+    with timing_alone():  # and the locks were all released
+        pass
