@@ -6,7 +6,6 @@ The front is Optuna's own `study.best_trials` (validation accuracy up, parameter
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +97,12 @@ def write_report(study: optuna.Study, out_dir: Path, importance: dict | None = N
     figures = [_plotly_figure(df, teacher, study.study_name)] + ([_importance_figure(importance)] if importance else [])
     paths[1].write_text(_page(study.study_name, figures))
     _matplotlib_figure(df, teacher, study.study_name, paths[2])
-    paths[3].write_text(_search_page(study, df))
+    history = hypervolume_history(study) if len(df) and len(study.directions) > 1 else None  # once, for both
+    paths[3].write_text(_search_page(study, df, history))
     paths[4].write_text(json.dumps(kd_gain(study), indent=1))
     paths[5].write_text(json.dumps(importance, indent=1))
-    if len(df) and len(study.directions) > 1:
-        _hypervolume_png(study, out_dir / "search.png")
+    if history is not None:
+        _hypervolume_png(study, history, out_dir / "search.png")
         paths.append(out_dir / "search.png")
     return front, paths
 
@@ -146,12 +146,11 @@ def _page(title: str, figures: list) -> str:
     return f"<html><head><title>{title}</title></head><body>{''.join(html)}</body></html>"
 
 
-def _hypervolume_figure(study: optuna.Study):
+def _hypervolume_figure(study: optuna.Study, history: pd.DataFrame):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     ref = hypervolume_reference(study.user_attrs["teacher"])
-    history = hypervolume_history(study)
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, subplot_titles=["against trials", "against wall time"])
     for col, x in ((1, "trials"), (2, "seconds")):
         fig.add_trace(go.Scatter(x=history[x], y=history["hypervolume"], mode="lines+markers", line={"shape": "hv"},
@@ -165,13 +164,12 @@ def _hypervolume_figure(study: optuna.Study):
     return fig
 
 
-def _hypervolume_png(study: optuna.Study, path: Path) -> None:
+def _hypervolume_png(study: optuna.Study, history: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = hypervolume_history(study)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     for ax, x, label in zip(axes, ("trials", "seconds"), ("complete trials", "seconds since the first trial")):
         ax.step(history[x], history["hypervolume"], where="post", marker="o", color="crimson")
@@ -184,18 +182,16 @@ def _hypervolume_png(study: optuna.Study, path: Path) -> None:
     plt.close(fig)
 
 
-def _search_page(study: optuna.Study, df: pd.DataFrame) -> str:
-    """Hypervolume history (Optuna's plot; optimisation history in budget mode) and parallel coordinates."""
+def _search_page(study: optuna.Study, df: pd.DataFrame, history: pd.DataFrame | None) -> str:
+    """Hypervolume history (optimisation history in budget mode) and parallel coordinates."""
     import plotly.express as px
 
     figures = []
     if len(df):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if len(study.directions) > 1:
-                figures.append(_hypervolume_figure(study))
-            else:
-                figures.append(optuna.visualization.plot_optimization_history(study))
+        if history is not None:
+            figures.append(_hypervolume_figure(study, history))
+        else:
+            figures.append(optuna.visualization.plot_optimization_history(study))
         dims = [c for c in ["width", "depth", "temperature", "alpha", "lr", "params", "latency_ms", "val_acc"]
                 if c in df.columns]
         figures.append(px.parallel_coordinates(df[dims].assign(params=np.log10(df["params"])).rename(

@@ -82,7 +82,7 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     figures = teacher_figures(teacher)
     if stored.get("key") == teacher.key:  # the study's first session measured it: one figure per study, like students'
         figures = {k: stored.get(k, v) for k, v in figures.items()}
-    else:  # a new study times its teacher now, beside its first students: the hypervolume's reference point
+    elif not teacher.latency_timed_now:  # a new study times its teacher beside its first students (the reference)
         figures["latency_ms"] = measure_latency(teacher.model, data.input_shape, cfg.latency).median_ms
     teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures,
                                           teacher.metrics.get("finished_at"))

@@ -32,6 +32,7 @@ class Teacher:
     train_logits: torch.Tensor  # [N_train, classes], on the training device
     metrics: dict  # val_acc, test_acc, params, flops, latency_ms
     key: str
+    latency_timed_now: bool = False  # latency_ms was measured by this process (not read from the cache)
 
     def targets(self, augment: str) -> torch.Tensor | nn.Module:
         """What the distillation loop needs: the cached logits, or the model itself when images are augmented."""
@@ -66,8 +67,9 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         cached = _load_cached(folder, cfg, data, device)
         if cached is not None:
             model, logits, metrics = cached
+            timed_now = _latency_key(cfg) not in metrics.get("latency_ms_by_settings", {})
             metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
-            return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
+            return Teacher(prepare_model(model, device).eval(), logits, metrics, key, timed_now)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = prepare_model(_build_or_load(cfg, data), device)
@@ -87,14 +89,18 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
     }
     _save(folder, model.cpu(), logits, metrics)
     metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
-    return Teacher(prepare_model(model, device).eval(), logits, metrics, key)
+    return Teacher(prepare_model(model, device).eval(), logits, metrics, key, latency_timed_now=True)
+
+
+def _latency_key(cfg: StudyConfig) -> str:
+    settings = asdict(cfg.latency)
+    settings.pop("min_run_time")  # how long it is timed, not what is timed
+    return json.dumps(settings, sort_keys=True)
 
 
 def _latency(folder: Path, metrics: dict, model: nn.Module, data: Dataset, cfg: StudyConfig) -> float:
     """The teacher's latency under the study's [latency] settings: measured once per settings, kept in meta.json."""
-    settings = asdict(cfg.latency)
-    settings.pop("min_run_time")
-    key = json.dumps(settings, sort_keys=True)
+    key = _latency_key(cfg)
     known = metrics.setdefault("latency_ms_by_settings", {})
     if key not in known:
         known[key] = measure_latency(model, data.input_shape, cfg.latency).median_ms
