@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = commands.add_parser("export", help="export a student as TorchScript and ONNX with a JSON card",
                               description="Pick a student (a trial, or the most accurate within a bound), write "
-                                          "exports/<study>/trial-N/{student.ts,student.onnx,card.json} and log it "
+                                          "exports/<study>/trial-N/{student.pt2,student.onnx,card.json} and log it "
                                           "as an MLflow model on its trial's run.")
     pick = exp.add_mutually_exclusive_group(required=True)
     pick.add_argument("--trial", type=int, help="trial number")

@@ -26,7 +26,24 @@ MODES = ("pareto", "budget")
 LATENCY_DTYPES = ("float32", "bfloat16", "float16")
 PRUNERS = ("auto", "none", "dominated", "rungs", "median", "hyperband")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
-ARCHITECTURES = ("convnet",)
+STUDENT_FAMILIES = ("convnet", "separable", "resnet")
+SCHEDULES = ("auto", "cosine", "warmup-cosine")
+
+
+class Families(str):
+    """`student.arch`: one family name (a string), or several (a list) to sample the family as a categorical."""
+
+
+class AutoFloat(str):
+    """A number, or "auto" for the student family's default."""
+
+
+class AutoBool(str):
+    """true or false, or "auto" for the student family's default."""
+
+
+class Knobs(dict):
+    """A user builder's knobs: `name = [low, high]` is searched, a list of strings is a choice, a scalar is fixed."""
 
 
 class Range(tuple):
@@ -52,7 +69,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    arch: str = "convnet"
+    arch: str = "convnet"  # convnet, torchvision:<model name> (trained here, no weights downloaded)
     width: int = 32  # channels of the first stage; each later stage doubles them
     depth: int = 3  # convolution stages
     convs_per_stage: int = 1
@@ -60,16 +77,37 @@ class TeacherConfig:
     lr: float = 0.05
     batch_size: int = 128
     weight_decay: float = 5e-4
-    checkpoint: str = ""  # a state_dict for `arch`, or a TorchScript file, instead of training
+    checkpoint: str = ""  # a state_dict for `arch`, a torch.export (.pt2) or TorchScript file, instead of training
+
+
+@dataclass(frozen=True)
+class SeparableConfig:
+    base_width: int = 8  # stem channels at width multiplier 1; stage i has (i + 1) times as many
+    width: Range = Range((0.5, 2.0))  # sampled on a log scale
+    depth: IntRange = IntRange((2, 4))  # stages, each halving the image
+    blocks: IntRange = IntRange((1, 2))  # blocks per stage
+    expand: IntRange = IntRange((1, 4))  # 1: plain separable convs; above 1: inverted residuals
+
+
+@dataclass(frozen=True)
+class ResnetConfig:
+    base_width: int = 16  # channels of the first stage at width 1 (16, 32, 64: the CIFAR ResNets)
+    width: Range = Range((0.25, 1.0))  # sampled on a log scale
+    blocks: IntRange = IntRange((1, 3))  # basic blocks per stage: 1 resnet8, 2 resnet14, 3 resnet20
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    arch: str = "convnet"
+    arch: Families = Families("convnet")  # a family, a list of families, or a builder "package.module:function"
+    channel_multiple: int = 8  # built-in families round channel counts to a multiple of this; 1: no rounding
+    # the convnet's knobs
     base_width: int = 8  # channels of the first stage at width multiplier 1
     width: Range = Range((0.25, 2.0))  # channel multiplier, sampled on a log scale
     depth: IntRange = IntRange((1, 3))
     convs_per_stage: int = 1
+    separable: SeparableConfig = field(default_factory=SeparableConfig)
+    resnet: ResnetConfig = field(default_factory=ResnetConfig)
+    custom: Knobs = field(default_factory=Knobs)  # a user builder's knobs
 
 
 @dataclass(frozen=True)
@@ -80,6 +118,10 @@ class DistillConfig:
     epochs: int = 10
     batch_size: int = 64
     weight_decay: float = 5e-4
+    # "auto" takes the student family's default (see models.TRAINING_DEFAULTS)
+    schedule: str = "auto"  # cosine, or warmup-cosine (a linear warm-up over the first epoch, then cosine)
+    decay_norms: AutoBool = AutoBool("auto")  # weight decay on BatchNorm and bias parameters too, or weights only
+    label_smoothing: AutoFloat = AutoFloat("auto")  # of the hard-label term, in [0, 1)
 
 
 @dataclass(frozen=True)
@@ -189,6 +231,12 @@ def build(cls: type, table: Any, where: str, prefix: str = "") -> Any:
 def _convert(kind: type, value: Any, where: str, key: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return build(kind, value, where, f"{key}.")
+    if kind in (AutoFloat, AutoBool):
+        return "auto" if value == "auto" else _scalar(float if kind is AutoFloat else bool, value, where, key)
+    if kind is Families:
+        return _families(value, where, key)
+    if kind is Knobs:
+        return _knobs(value, where, key)
     if kind in (Range, IntRange):
         scalar = float if kind is Range else int
         if not (isinstance(value, list) and len(value) == 2):
@@ -198,6 +246,34 @@ def _convert(kind: type, value: Any, where: str, key: str) -> Any:
             raise KdsearchError(f"{where}: {key} = {value!r}: low is above high; write [{high}, {low}]")
         return kind((low, high))
     return _scalar(kind, value, where, key)
+
+
+def _families(value: Any, where: str, key: str) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        return value
+    if not (isinstance(value, list) and value and all(v in STUDENT_FAMILIES for v in value)
+            and len(set(value)) == len(value)):
+        raise KdsearchError(f"{where}: {key} = {value!r}: expected a family name, a list of distinct families from "
+                            f"{', '.join(STUDENT_FAMILIES)}, or a builder 'package.module:function'")
+    return tuple(value) if len(value) > 1 else value[0]
+
+
+def _knobs(table: Any, where: str, key: str) -> dict:
+    if not isinstance(table, dict):
+        raise KdsearchError(f"{where}: {key} = {table!r}: expected a table [{key}] of knob = value or [low, high]")
+    knobs = {}
+    for name, value in table.items():
+        if isinstance(value, list) and len(value) == 2 and all(type(v) in (int, float) for v in value):
+            kind = IntRange if all(type(v) is int for v in value) else Range
+            knobs[name] = _convert(kind, value, where, f"{key}.{name}")
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            knobs[name] = list(value)
+        elif type(value) in (int, float, str, bool):
+            knobs[name] = value
+        else:
+            raise KdsearchError(f"{where}: {key}.{name} = {value!r}: use a number, a string, true/false, a range "
+                                "[low, high] or a list of strings to choose from")
+    return Knobs(knobs)
 
 
 def _scalar(kind: type, value: Any, where: str, key: str) -> Any:
@@ -217,12 +293,12 @@ def check_values(c: StudyConfig, where: str) -> None:
         ("data.augment", c.data.augment, AUGMENTATIONS),
         ("search.mode", c.search.mode, MODES),
         ("search.pruner", c.search.pruner, PRUNERS),
-        ("teacher.arch", c.teacher.arch, ARCHITECTURES),
-        ("student.arch", c.student.arch, ARCHITECTURES),
+        ("distill.schedule", c.distill.schedule, SCHEDULES),
     ]
     for key, value, allowed in choices:
         if value not in allowed:
             raise KdsearchError(f"{where}: {key} = {value!r} is unknown: use one of {', '.join(allowed)}")
+    _check_families(c, where)
     positive = {
         "teacher.width": c.teacher.width, "teacher.depth": c.teacher.depth,
         "teacher.convs_per_stage": c.teacher.convs_per_stage, "teacher.batch_size": c.teacher.batch_size,
@@ -235,6 +311,14 @@ def check_values(c: StudyConfig, where: str) -> None:
         "latency.min_run_time": c.latency.min_run_time, "data.image_size": c.data.image_size,
         "search.heartbeat_interval": c.search.heartbeat_interval, "search.grace_period": c.search.grace_period,
         "search.baseline_repeats": c.search.baseline_repeats, "search.rung_min_epochs": c.search.rung_min_epochs,
+        "student.channel_multiple": c.student.channel_multiple,
+        "student.separable.base_width": c.student.separable.base_width,
+        "student.separable.width": c.student.separable.width[0],
+        "student.separable.depth": c.student.separable.depth[0],
+        "student.separable.blocks": c.student.separable.blocks[0],
+        "student.separable.expand": c.student.separable.expand[0],
+        "student.resnet.base_width": c.student.resnet.base_width, "student.resnet.width": c.student.resnet.width[0],
+        "student.resnet.blocks": c.student.resnet.blocks[0],
     }
     for key, value in positive.items():
         if value <= 0:
@@ -246,6 +330,8 @@ def check_values(c: StudyConfig, where: str) -> None:
                        "search.prune_margin": c.search.prune_margin, "data.memory_gb": c.data.memory_gb}.items():
         if value < 0:
             raise KdsearchError(f"{where}: {key} = {value} must not be negative")
+    if c.distill.label_smoothing != "auto" and not 0 <= c.distill.label_smoothing < 1:
+        raise KdsearchError(f"{where}: distill.label_smoothing = {c.distill.label_smoothing} must lie in [0, 1)")
     if not (0 <= c.distill.alpha[0] and c.distill.alpha[1] <= 1):
         raise KdsearchError(f"{where}: distill.alpha = {list(c.distill.alpha)} must lie within [0, 1]")
     for key, value in {"data.val_fraction": c.data.val_fraction, "data.test_fraction": c.data.test_fraction}.items():
@@ -268,3 +354,22 @@ def check_values(c: StudyConfig, where: str) -> None:
                             "(float16 with a cuda latency.device)")
     if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
         raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")
+
+
+def _check_families(c: StudyConfig, where: str) -> None:
+    arch = c.student.arch
+    if isinstance(arch, str) and arch not in STUDENT_FAMILIES and (":" not in arch or arch.startswith("torchvision:")):
+        raise KdsearchError(f"{where}: student.arch = {arch!r} is unknown: use one of {', '.join(STUDENT_FAMILIES)}, "
+                            "a list of them, or a builder 'package.module:function'")
+    if c.student.custom and not (isinstance(arch, str) and ":" in arch):
+        raise KdsearchError(f"{where}: [student.custom] holds a user builder's knobs, but student.arch = {arch!r}: "
+                            "set student.arch = 'package.module:function' or remove [student.custom]")
+    t = c.teacher.arch
+    if t != "convnet" and not (t.startswith("torchvision:") and len(t) > len("torchvision:")):
+        raise KdsearchError(f"{where}: teacher.arch = {t!r} is unknown: use 'convnet' or 'torchvision:<model>', "
+                            "e.g. 'torchvision:resnet18'")
+
+
+def families(student: StudentConfig) -> list[str]:
+    """The student families (or the user builder) a study samples from."""
+    return [student.arch] if isinstance(student.arch, str) else list(student.arch)

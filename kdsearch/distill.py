@@ -19,12 +19,13 @@ from kdsearch.engine import autocast, no_timer
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, alpha: float) -> torch.Tensor:
+            temperature: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), averaged over the batch.
 
     The T^2 keeps the soft term's gradients on the same scale as the hard term's as T changes (Hinton et al.).
+    `label_smoothing` smooths the hard labels only: the teacher's soft targets are left as they are.
     """
-    hard = F.cross_entropy(student_logits, labels)
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     if alpha == 0:
         return hard
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
@@ -54,6 +55,9 @@ class TrainSettings:
     alpha: float = 0.0  # 0: plain cross-entropy, the teacher's logits are not needed
     seed: int = 0
     augment: str = "none"  # see data.AUGMENTATIONS
+    schedule: str = "cosine"  # or warmup-cosine: the learning rate rises linearly over the first epoch
+    decay_norms: bool = True  # weight decay on BatchNorm and bias parameters too (False: on weights only)
+    label_smoothing: float = 0.0
 
 
 class DivergedError(RuntimeError):
@@ -63,12 +67,23 @@ class DivergedError(RuntimeError):
 EpochCallback = Callable[[int, float, float], None]  # (epoch, train_loss, val_acc)
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int):
-    """SGD with Nesterov momentum and a cosine decay of the learning rate per step."""
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
-                          weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
-    return opt, sched
+def make_optimizer(model: nn.Module, settings: TrainSettings, total_steps: int, warmup_steps: int = 0):
+    """SGD with Nesterov momentum and a cosine decay of the learning rate per step, after `warmup_steps` of linear
+    warm-up. Without `decay_norms`, BatchNorm and bias parameters (the 1-d ones) are not decayed: a small network
+    has few weights per channel, and pulling its scales to zero costs it accuracy."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = ([{"params": params}] if settings.decay_norms else
+              [{"params": [p for p in params if p.ndim > 1]},
+               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}])
+    opt = torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * done))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -98,7 +113,7 @@ def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, set
         with autocast(device):
             logits = model(inputs).float()
             targets = _teacher_logits(teacher, idx, inputs) if settings.alpha > 0 else None
-        loss = kd_loss(logits, targets, labels, settings.temperature, settings.alpha)
+        loss = kd_loss(logits, targets, labels, settings.temperature, settings.alpha, settings.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,7 +139,9 @@ def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normali
         raise ValueError("alpha > 0 needs the teacher (its cached logits or the model)")
     if settings.augment != "none" and isinstance(teacher, torch.Tensor):
         raise ValueError("cached teacher logits do not match augmented images: pass the teacher model")
-    opt, sched = make_optimizer(model, settings, settings.epochs * steps_per_epoch(len(train_set), settings.batch_size))
+    steps = steps_per_epoch(len(train_set), settings.batch_size)
+    warmup = steps if settings.schedule == "warmup-cosine" and settings.epochs > 1 else 0
+    opt, sched = make_optimizer(model, settings, settings.epochs * steps, warmup)
     gen = torch.Generator(device=train_set.y.device).manual_seed(settings.seed)
     val_acc = float("nan")
     for epoch in range(1, settings.epochs + 1):

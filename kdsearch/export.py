@@ -1,4 +1,6 @@
-"""Take the chosen student away: TorchScript, ONNX and a JSON card, logged as an MLflow model on its trial's run.
+"""Take the chosen student away: a torch.export program (.pt2), ONNX and a JSON card, logged as an MLflow model on
+its trial's run. (TorchScript is deprecated in torch 2.14: `torch.jit.load` warns on every load, so it is no longer
+written.)
 
 The exported model takes float32 images [N, C, H, W] with pixel values 0..255 and normalises them itself, so it
 needs nothing from kdsearch to run.
@@ -16,8 +18,8 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from kdsearch import KdsearchError
-from kdsearch.models import Architecture, build_model
+from kdsearch import KdsearchError, first_line
+from kdsearch.models import Architecture, StudentSpec, build_student, channels_of, convnet
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -53,41 +55,58 @@ def choose_trial(study: optuna.Study, trial: int | None = None, max_params: int 
     return max(fits, key=lambda t: (t.values[0], -t.user_attrs["params"]))
 
 
-def load_student(client: MlflowClient, run_id: str) -> tuple[nn.Module, Architecture]:
+def load_student(client: MlflowClient, run_id: str) -> tuple[nn.Module, StudentSpec]:
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, "student.pt", tmp)
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    arch = Architecture(**saved["arch"])
-    model = build_model(arch, saved["image_size"])
+    spec = StudentSpec.from_dict(saved["spec"]) if "spec" in saved else _convnet_spec(saved)
+    model = build_student(spec)
     model.load_state_dict(saved["state_dict"])
-    return model.eval(), arch
+    return model.eval(), spec
+
+
+def _convnet_spec(saved: dict) -> StudentSpec:
+    """The spec of a student saved before there were families (a convnet `Architecture` and its image size)."""
+    arch = Architecture(**saved["arch"])
+    shape = (arch.in_channels, saved["image_size"], saved["image_size"])
+    knobs = {"base_width": arch.width, "width": 1.0, "depth": arch.depth, "convs_per_stage": arch.convs_per_stage}
+    assert convnet(shape, arch.num_classes, **knobs).arch == arch
+    return StudentSpec("convnet", shape, arch.num_classes, knobs)
 
 
 def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client: MlflowClient, out_dir: Path
                    ) -> dict[str, Path]:
-    """Write student.ts, student.onnx and card.json under out_dir and log the model on the trial's run."""
+    """Write student.pt2, student.onnx and card.json under out_dir and log the model on the trial's run."""
     run_id = trial.user_attrs["mlflow_run_id"]
-    student, arch = load_student(client, run_id)
+    student, spec = load_student(client, run_id)
     config = study.user_attrs["config"]
     data = study.user_attrs["data"]
     model = Deployable(student, data["mean"], data["std"]).eval()
     example = torch.rand(2, *data["input_shape"]) * 255  # batch 2: a batch of 1 would pin the ONNX batch size
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"torchscript": out_dir / "student.ts", "onnx": out_dir / "student.onnx", "card": out_dir / "card.json"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript is deprecated upstream but still what many runtimes load
-        torch.jit.trace(model, example).save(str(paths["torchscript"]))
-        torch.onnx.export(model, (example,), str(paths["onnx"]), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False)
+    paths = {"export": out_dir / "student.pt2", "onnx": out_dir / "student.onnx", "card": out_dir / "card.json"}
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=batch)
+        torch.export.save(program, str(paths["export"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(paths["onnx"]), input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=batch, external_data=False)
+    except Exception as e:
+        raise KdsearchError(f"trial {trial.number}'s student ({spec.family}) cannot be exported with torch.export "
+                            f"({first_line(e)}): keep its forward free of data-dependent Python control flow") from None
     card = {
         "study": study.study_name, "trial": trial.number, "mlflow_run_id": run_id,
-        "architecture": arch.to_dict(), "channels": arch.channels(), "params": trial.user_attrs["params"],
+        "family": spec.family, "architecture": spec.to_dict(), "channels": channels_of(student),
+        "params": trial.user_attrs["params"],
         "flops": trial.user_attrs.get("flops"), "size_bytes": trial.user_attrs.get("size_bytes"),
         "val_acc": trial.values[0], "test_acc": trial.user_attrs["test_acc"],
         "latency": {"median_ms": trial.user_attrs["latency_ms"], "iqr_ms": trial.user_attrs.get("latency_iqr_ms"),
                     **{k: v for k, v in config["latency"].items() if k != "min_run_time"}},
         "distillation": {"temperature": trial.params["temperature"], "alpha": trial.params["alpha"],
-                         "lr": trial.params["lr"], "epochs": config["distill"]["epochs"]},
+                         "lr": trial.params["lr"], "epochs": config["distill"]["epochs"],
+                         **{k: v for k, v in trial.user_attrs.get("training", {}).items()}},
         "teacher": study.user_attrs.get("teacher"), "dataset": config["data"]["dataset"],
         "input": {"shape": ["N", *data["input_shape"]], "dtype": "float32", "range": "pixel values 0..255",
                   "normalisation": {"mean": data["mean"], "std": data["std"]}},

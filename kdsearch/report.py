@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 PANELS = [("params", "parameters (log scale)", True), ("latency_ms", "latency (ms)", False)]
-TABLE_COLUMNS = ["trial", "val_acc", "test_acc", "params", "latency_ms", "width", "depth", "temperature", "alpha"]
+TABLE_COLUMNS = ["trial", "family", "val_acc", "test_acc", "params", "latency_ms"]
+FAMILY_COLOURS = {"convnet": "crimson", "separable": "royalblue", "resnet": "seagreen"}  # a user builder: orange
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -26,7 +27,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
         a = t.user_attrs
-        rows.append({"trial": t.number, "val_acc": t.values[0], "test_acc": a.get("test_acc"),
+        rows.append({"trial": t.number, "family": a.get("family", "convnet"), "val_acc": t.values[0],
+                     "test_acc": a.get("test_acc"),
                      "params": int(a["params"]), "latency_ms": a["latency_ms"], "flops": a.get("flops"),
                      **t.params, "channels": t.user_attrs.get("channels"),
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "pareto": t.number in front})
@@ -40,19 +42,31 @@ def front_2d(df: pd.DataFrame, x: str) -> pd.DataFrame:
     return d[d["val_acc"] > best_before]
 
 
-def kd_gain(study: optuna.Study) -> dict | None:
+def kd_gains(study: optuna.Study) -> dict[str, dict]:
+    """The KD gain of each student family that has a complete baseline pair."""
+    names = {t.user_attrs.get("baseline_family", "convnet") for t in study.get_trials(deepcopy=False)
+             if "baseline" in t.user_attrs}
+    gains = {family: kd_gain(study, family) for family in sorted(names)}
+    return {family: gain for family, gain in gains.items() if gain}
+
+
+def kd_gain(study: optuna.Study, family: str | None = None) -> dict | None:
     """Accuracy of the distilled baseline minus that of its undistilled twin (same student, lr and seed), with a
     standard error: over the pairs' seeds when the study ran several pairs (`search.baseline_repeats`), else over
-    the images, pairing the two students' answers image by image."""
+    the images, pairing the two students' answers image by image. `family`: that family's pairs (default: the
+    first family's)."""
     pairs: dict[int, dict] = {}
     for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
-        if "baseline" in t.user_attrs:
-            pairs.setdefault(t.user_attrs.get("baseline_pair", 0), {})[t.user_attrs["baseline"]] = t
+        a = t.user_attrs
+        if "baseline" in a:
+            family = family or a.get("baseline_family", "convnet")
+            if a.get("baseline_family", "convnet") == family:
+                pairs.setdefault(a.get("baseline_pair", 0), {})[a["baseline"]] = t
     full = [(p["no-kd"], p["kd"]) for _, p in sorted(pairs.items()) if len(p) == 2]
     if not full:
         return None
-    out = {"trials": [plain.number for plain, _ in full] + [kd.number for _, kd in full] if len(full) > 1
-           else [full[0][0].number, full[0][1].number], "pairs": len(full), "params": full[0][1].user_attrs["params"],
+    out = {"family": family, "trials": [plain.number for plain, _ in full] + [kd.number for _, kd in full],
+           "pairs": len(full), "params": full[0][1].user_attrs["params"],
            "se_over": "seeds" if len(full) > 1 else "images"}
     for split in ("val", "test"):
         acc = [(_acc(plain, split), _acc(kd, split)) for plain, kd in full]
@@ -99,7 +113,7 @@ def write_report(study: optuna.Study, out_dir: Path, importance: dict | None = N
     _matplotlib_figure(df, teacher, study.study_name, paths[2])
     history = hypervolume_history(study) if len(df) and len(study.directions) > 1 else None  # once, for both
     paths[3].write_text(_search_page(study, df, history))
-    paths[4].write_text(json.dumps(kd_gain(study), indent=1))
+    paths[4].write_text(json.dumps(kd_gains(study) or None, indent=1))
     paths[5].write_text(json.dumps(importance, indent=1))
     if history is not None:
         _hypervolume_png(study, history, out_dir / "search.png")
@@ -192,8 +206,8 @@ def _search_page(study: optuna.Study, df: pd.DataFrame, history: pd.DataFrame | 
             figures.append(_hypervolume_figure(study, history))
         else:
             figures.append(optuna.visualization.plot_optimization_history(study))
-        dims = [c for c in ["width", "depth", "temperature", "alpha", "lr", "params", "latency_ms", "val_acc"]
-                if c in df.columns]
+        knobs = [c for c in df.columns if c not in FIXED_COLUMNS and pd.api.types.is_numeric_dtype(df[c])]
+        dims = knobs + ["params", "latency_ms", "val_acc"]
         figures.append(px.parallel_coordinates(df[dims].assign(params=np.log10(df["params"])).rename(
             columns={"params": "log10 params"}), color="val_acc", title="trials: parameters to objectives"))
     return _page(study.study_name, figures)
@@ -216,13 +230,13 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
     print(f"Pareto front of '{study.study_name}': {len(front)} of {summary['complete_trials']} complete trials "
           f"({summary['pruned_trials']} pruned, {summary['failed_trials']} failed)")
     if len(front):
-        print(front[TABLE_COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        knobs = [c for c in front.columns if c not in FIXED_COLUMNS and front[c].notna().any()]
+        print(front[TABLE_COLUMNS + knobs].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     if summary.get("hypervolume") is not None:
         ref = hypervolume_reference(study.user_attrs["teacher"])
         print(f"hypervolume {summary['hypervolume']:.4f} (val_acc, log10 params, latency_ms; reference: val_acc 0, "
               f"the teacher's {ref[1]:,.0f} params and {ref[2]:.4g} ms)")
-    gain = kd_gain(study)
-    if gain:
+    for gain in kd_gains(study).values():
         print(kd_gain_line(gain))
     if importance:
         print(f"what drives each objective (fANOVA importance over {summary['complete_trials']} complete trials; "
@@ -238,7 +252,8 @@ def kd_gain_line(gain: dict) -> str:
                 f"({gain[f'{split}_gain']:+.4f}{f' +/- {se:.4f}' if se is not None else ''})")
     trials = gain["trials"]
     source = f"{gain['pairs']} seed pairs" if gain["pairs"] > 1 else f"trials {trials[0]} -> {trials[1]}"
-    return (f"KD gain ({source}, {gain['params']:,} params; +/- one standard error over the {gain['se_over']}): "
+    return (f"KD gain of the {gain['family']} ({source}, {gain['params']:,} params; +/- one standard error over the "
+            f"{gain['se_over']}): "
             f"{part('val')}, {part('test')}")
 
 
@@ -254,12 +269,16 @@ def study_summary(study: optuna.Study) -> dict:
             "hypervolume": study_hypervolume(study) if pareto and done and "teacher" in study.user_attrs else None}
 
 
+FIXED_COLUMNS = {"trial", "family", "val_acc", "test_acc", "params", "latency_ms", "flops", "mlflow_run_id", "pareto",
+                 "channels", "arch"}
+
+
 def _hover(df: pd.DataFrame) -> list[str]:
-    fixed = {"trial", "val_acc", "test_acc", "params", "latency_ms", "flops", "mlflow_run_id", "pareto"}
-    knobs = [c for c in df.columns if c not in fixed]
-    return [f"trial {r['trial']}<br>val_acc {r['val_acc']:.4f} test_acc {r['test_acc']:.4f}<br>"
+    knobs = [c for c in df.columns if c not in FIXED_COLUMNS] + ["channels"]
+    return [f"trial {r['trial']} ({r['family']})<br>val_acc {r['val_acc']:.4f} test_acc {r['test_acc']:.4f}<br>"
             f"params {r['params']:,} latency {r['latency_ms']:.3f} ms<br>"
-            + " ".join(f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in knobs)
+            + " ".join(f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}" for k in knobs
+                       if not (isinstance(r[k], float) and np.isnan(r[k])))
             + f"<br>MLflow run {r['mlflow_run_id']}" for r in df.to_dict("records")]
 
 
@@ -276,9 +295,10 @@ def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str):
             fig.add_trace(go.Scatter(x=dominated[x], y=dominated["val_acc"], mode="markers", name="dominated",
                                      marker={"color": "grey", "opacity": 0.35}, hovertext=_hover(dominated),
                                      hoverinfo="text", showlegend=first, legendgroup="d"), row=1, col=col)
-            fig.add_trace(go.Scatter(x=front[x], y=front["val_acc"], mode="markers", name="Pareto-optimal",
-                                     marker={"color": "crimson", "size": 10}, hovertext=_hover(front),
-                                     hoverinfo="text", showlegend=first, legendgroup="p"), row=1, col=col)
+            for family, colour, rows in _by_family(front):
+                fig.add_trace(go.Scatter(x=rows[x], y=rows["val_acc"], mode="markers", name=f"Pareto-optimal {family}",
+                                         marker={"color": colour, "size": 10}, hovertext=_hover(rows),
+                                         hoverinfo="text", showlegend=first, legendgroup=family), row=1, col=col)
             stairs = front_2d(df, x)
             fig.add_trace(go.Scatter(x=stairs[x], y=stairs["val_acc"], mode="lines", line={"shape": "hv",
                                      "color": "crimson"}, name="front", showlegend=False, hoverinfo="skip"),
@@ -293,6 +313,12 @@ def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str):
     return fig
 
 
+def _by_family(front: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """The front's rows per student family, each with its colour (the same in every figure of a study)."""
+    return [(f, FAMILY_COLOURS.get(f, "darkorange"), front[front["family"] == f])
+            for f in sorted(front["family"].unique())]
+
+
 def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: Path) -> None:
     import matplotlib
 
@@ -304,7 +330,8 @@ def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: 
         if len(df):
             dominated, front, stairs = df[~df["pareto"]], df[df["pareto"]], front_2d(df, x)
             ax.scatter(dominated[x], dominated["val_acc"], color="grey", alpha=0.35, label="dominated")
-            ax.scatter(front[x], front["val_acc"], color="crimson", label="Pareto-optimal", zorder=3)
+            for family, colour, rows in _by_family(front):
+                ax.scatter(rows[x], rows["val_acc"], color=colour, label=f"Pareto-optimal {family}", zorder=3)
             ax.step(stairs[x], stairs["val_acc"], where="post", color="crimson")
         if teacher:
             ax.scatter([teacher[x]], [teacher["val_acc"]], marker="*", s=200, color="black", label="teacher")

@@ -117,14 +117,20 @@ def study_progress(study: optuna.Study, target: int, complete_only: bool, mine: 
     return f"[{mine}/{target}, {sum(s.is_finished() for s in states)} in the study]"
 
 
+def params_line(params: dict) -> str:
+    """`arch separable width 1.23 depth 3 ... T 4.00 alpha 0.50 lr 0.055`: the family first, the shared knobs last."""
+    shown = {"T" if k == "temperature" else k.split(".")[-1]: v for k, v in params.items()
+             if k not in ("temperature", "alpha", "lr")}
+    shown.update({"T": params.get("temperature", 0), "alpha": params.get("alpha", 0), "lr": params.get("lr", 0)})
+    return " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
 def print_progress(target: int, started: float, complete_only: bool = False):
     """An Optuna callback printing one line per finished trial."""
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         callback.mine += 1
-        p = trial.params
-        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, callback.mine)} width "
-                f"{p.get('width', 0):.2f} depth {p.get('depth', 0)} T {p.get('temperature', 0):5.2f} "
-                f"alpha {p.get('alpha', 0):.2f} lr {p.get('lr', 0):.3f}")
+        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, callback.mine)} "
+                f"{params_line(trial.params)}")
         a = trial.user_attrs
         cost = f"params {a['params']:,} latency {a['latency_ms']:.3f} ms" if "params" in a else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -177,7 +183,7 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, storage)
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
-    tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=1, depth=1), data.input_shape[1])
+    tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=8, depth=1), data.input_shape[1])
     warm_up(data.input_shape, cfg.latency, tiny)  # after the teacher's line, whose time it is not
     client = tracking.open_client(tracking_uri, study_name or cfg.name)
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,

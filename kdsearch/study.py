@@ -15,9 +15,10 @@ from collections.abc import Callable
 import optuna
 
 from kdsearch import KdsearchError, first_line
-from kdsearch.config import StudyConfig
+from kdsearch.config import StudyConfig, families
 from kdsearch.pruning import study_pruner
 from kdsearch.storage import open_storage
+from kdsearch.students import middle_params, params_in_space
 
 DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
 METRIC_NAMES = {"pareto": ["val_acc", "params", "latency_ms"], "budget": ["val_acc"]}
@@ -122,23 +123,16 @@ def _earlier_study(name: str, storage: optuna.storages.BaseStorage) -> optuna.St
                             "--study-name of an earlier study in the same storage") from None
 
 
-def search_space(cfg: StudyConfig) -> dict[str, tuple]:
-    """The sampled knobs and their ranges (see `trial.sample_student`)."""
-    s, d = cfg.student, cfg.distill
-    return {"width": s.width, "depth": s.depth, "temperature": d.temperature, "alpha": d.alpha, "lr": d.lr}
-
-
 def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study, skip_baselines: bool = False
                   ) -> list[int]:
     """Enqueue the students of `earlier`'s front (its best trials) that lie in this study's search space; return
     their trial numbers in `earlier`. With `skip_baselines`, its baselines are left to this study's own."""
-    space, taken, outside = search_space(cfg), [], []
+    taken, outside = [], []
     for t in earlier.best_trials:
         if skip_baselines and "baseline" in t.user_attrs:
             continue
-        params = {k: t.params[k] for k in space if k in t.params}
-        if len(params) == len(space) and all(lo <= params[k] <= hi for k, (lo, hi) in space.items()):
-            study.enqueue_trial(params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})
+        if params_in_space(cfg, t.params):
+            study.enqueue_trial(t.params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})
             taken.append(t.number)
         else:
             outside.append(t.number)
@@ -150,29 +144,32 @@ def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study, 
 def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
     """Reference pairs first: a mid-sized student trained without distillation (alpha = 0), and the same student,
     learning rate and seed distilled with alpha = 0.5 at T = 4; the report shows the difference. With
-    `search.baseline_repeats` > 1, that many pairs, each pair with a seed of its own."""
-    s, d = cfg.student, cfg.distill
-
-    def clamp(v, bounds):
-        return min(max(v, bounds[0]), bounds[1])
-
-    common = {"width": clamp(1.0, s.width), "depth": clamp(round(sum(s.depth) / 2), s.depth),
-              "temperature": clamp(4.0, d.temperature), "lr": math.sqrt(d.lr[0] * d.lr[1])}
+    `search.baseline_repeats` > 1, that many pairs, each pair with a seed of its own; with several student
+    families, as many pairs for each family."""
+    d = cfg.distill
+    shared = {"temperature": min(max(4.0, d.temperature[0]), d.temperature[1]), "lr": math.sqrt(d.lr[0] * d.lr[1])}
+    pair = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # alpha may lie outside the study's range; Optuna warns, then uses it
-        for pair in range(cfg.search.baseline_repeats):
-            seed = trial_seed(cfg.seed, pair)
-            for kind, alpha in (("no-kd", 0.0), ("kd", 0.5)):
-                study.enqueue_trial({**common, "alpha": alpha},
-                                    user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed})
+        for family in families(cfg.student):
+            for repeat in range(cfg.search.baseline_repeats):
+                seed = trial_seed(cfg.seed, repeat)
+                for kind, alpha in (("no-kd", 0.0), ("kd", 0.5)):
+                    study.enqueue_trial({**middle_params(cfg, family), **shared, "alpha": alpha},
+                                        user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed,
+                                                    "baseline_family": family})
+                pair += 1
 
 
 def _older_defaults_filled(stored: dict) -> dict:
     """A stored config made by an earlier kdsearch, with the keys added since at their defaults (which keep the
     earlier behaviour), so such a study resumes."""
     defaults = _comparable(StudyConfig())
-    return {section: {**defaults[section], **value} if isinstance(value, dict) else value
-            for section, value in stored.items()}
+    filled = {section: {**defaults[section], **value} if isinstance(value, dict) else value
+              for section, value in stored.items()}
+    if "student" in stored and "channel_multiple" not in stored["student"]:
+        filled["student"]["channel_multiple"] = 1  # channel counts were not rounded before
+    return filled
 
 
 def _comparable(cfg: StudyConfig) -> dict:

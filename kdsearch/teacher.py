@@ -22,7 +22,7 @@ from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, train
 from kdsearch.engine import prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency
-from kdsearch.models import FAMILY_VERSION, Architecture, build_model
+from kdsearch.models import FAMILY_VERSION, Architecture, build_model, load_checkpoint, torchvision_model
 from kdsearch.timing_lock import training_epoch
 
 
@@ -58,6 +58,13 @@ def teacher_arch(cfg: StudyConfig, data: Dataset) -> Architecture:
     return Architecture(data.input_shape[0], data.num_classes, t.width, t.depth, t.convs_per_stage)
 
 
+def build_teacher(cfg: StudyConfig, data: Dataset) -> nn.Module:
+    """The [teacher] architecture, untrained: a convnet or a torchvision model adapted to the data."""
+    if cfg.teacher.arch.startswith("torchvision:"):
+        return torchvision_model(cfg.teacher.arch.partition(":")[2], data.input_shape, data.num_classes)
+    return build_model(teacher_arch(cfg, data), data.input_shape[1])
+
+
 def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path) -> Teacher:
     """Load the cached teacher, or train (or read the user's checkpoint), measure and cache it."""
     key = teacher_key(cfg, data)
@@ -87,7 +94,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "seconds": time.perf_counter() - started,  # training, logit cache and measurement, paid once
         "finished_at": time.time(),
     }
-    _save(folder, model.cpu(), logits, metrics)
+    _save(folder, model.cpu(), logits, metrics, bool(cfg.teacher.checkpoint))
     metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
     return Teacher(prepare_model(model, device).eval(), logits, metrics, key, latency_timed_now=True)
 
@@ -110,13 +117,11 @@ def _latency(folder: Path, metrics: dict, model: nn.Module, data: Dataset, cfg: 
     return known[key]
 
 
-def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict) -> None:
+def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict, from_checkpoint: bool) -> None:
     """Write into a temporary folder, then rename: a crash never leaves a half-written cache entry."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    if isinstance(model, torch.jit.ScriptModule):
-        model.save(str(tmp / "teacher.ts"))
-    else:
+    if not from_checkpoint:  # a checkpoint's teacher is read from the checkpoint itself
         torch.save(model.state_dict(), tmp / "teacher.pt")
     torch.save(logits.cpu(), tmp / "train_logits.pt")
     (tmp / "meta.json").write_text(json.dumps(metrics, indent=1))
@@ -136,10 +141,10 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.de
     """The cached teacher, its logits and metrics; None (after saying why) when the entry does not fit the data:
     a model that does not load, or logits without one row per training image and one column per class."""
     try:
-        if (folder / "teacher.ts").is_file():
-            model = torch.jit.load(str(folder / "teacher.ts"), map_location="cpu")
+        if cfg.teacher.checkpoint:  # the key holds the checkpoint's digest: the file is what was cached
+            model = _build_or_load(cfg, data)
         else:
-            model = build_model(teacher_arch(cfg, data), data.input_shape[1])
+            model = build_teacher(cfg, data)
             model.load_state_dict(torch.load(folder / "teacher.pt", map_location="cpu", weights_only=True))
         logits = torch.load(folder / "train_logits.pt", map_location=device, weights_only=True)
         metrics = json.loads((folder / "meta.json").read_text())
@@ -155,18 +160,18 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.de
 
 def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
     if not cfg.teacher.checkpoint:
-        return build_model(teacher_arch(cfg, data), data.input_shape[1])
+        return build_teacher(cfg, data)
     path = Path(cfg.teacher.checkpoint)  # teacher_key has checked that it exists
-    try:
-        model = torch.jit.load(str(path), map_location="cpu")
-    except RuntimeError:
-        model = build_model(teacher_arch(cfg, data), data.input_shape[1])
+    model = load_checkpoint(path)
+    if model is None:
+        model = build_teacher(cfg, data)
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
             raise KdsearchError(
-                f"teacher checkpoint {path} is neither TorchScript nor a state_dict of the [teacher] architecture "
-                f"({first_line(e)}): check teacher.width/depth/convs_per_stage") from None
+                f"teacher checkpoint {path} is neither a torch.export program (.pt2), TorchScript nor a state_dict "
+                f"of the [teacher] architecture ({first_line(e)}): check teacher.arch/width/depth/convs_per_stage"
+            ) from None
     _check_output(model, data, path)
     return model
 

@@ -21,9 +21,10 @@ from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, correct, train
 from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
-from kdsearch.models import Architecture, build_model, student_width
+from kdsearch.models import StudentSpec, build_student, channels_of
 from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
 from kdsearch.storage import worker_identity
+from kdsearch.students import sample_student, student_spec, training_settings
 from kdsearch.study import trial_seed
 from kdsearch.teacher import Teacher
 from kdsearch.timing_lock import timing_alone, training_epoch
@@ -43,44 +44,32 @@ class StudyContext:
     costs: dict = field(default_factory=dict)  # this process's copy of the study's costs (see `study_cost`)
 
 
-def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> dict:
-    s, d = cfg.student, cfg.distill
-    return {
-        "width": trial.suggest_float("width", *s.width, log=True),
-        "depth": trial.suggest_int("depth", *s.depth),
-        "temperature": trial.suggest_float("temperature", *d.temperature, log=True),
-        "alpha": trial.suggest_float("alpha", *d.alpha),
-        "lr": trial.suggest_float("lr", *d.lr, log=True),
-    }
-
-
-def student_arch(cfg: StudyConfig, data: Dataset, width: float, depth: int) -> Architecture:
-    return Architecture(data.input_shape[0], data.num_classes, student_width(cfg.student.base_width, width), depth,
-                        cfg.student.convs_per_stage)
-
-
 def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
     """Sample, build and measure a student; reject it if it breaks a limit; distill it; log everything."""
     cfg, data = ctx.cfg, ctx.data
     for key, value in worker_identity().items():  # first: a process that dies from here on can be found
         trial.set_user_attr(key, value)
     timer = PhaseTimer(data.train.y.device)
-    hp = sample_student(trial, cfg)
+    family, knobs, hp = sample_student(trial, cfg)
     seed = trial.user_attrs.get("seed", trial_seed(cfg.seed, trial.number))  # a baseline pair shares one seed
     torch.manual_seed(seed)
-    arch = student_arch(cfg, data, hp["width"], hp["depth"])
-    model = build_model(arch, data.input_shape[1])
+    spec = student_spec(family, knobs, data.input_shape, data.num_classes)
+    model = build_student(spec)
     with timer("measure"):
-        cost = study_cost(ctx, trial.study, arch, model)
+        cost = study_cost(ctx, trial.study, spec, model)
         latency = cost.pop("latency")
     for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
         trial.set_user_attr(key, cost[key])
-    trial.set_user_attr("channels", arch.channels())
+    trial.set_user_attr("family", family)
+    trial.set_user_attr("channels", channels_of(model))
     for name, value in limit_violations(cost, cfg.search).items():
         trial.set_constraint(name, value)  # the sampler steers away from students over a limit
     pruner = NoPruner() if "baseline" in trial.user_attrs else epoch_pruner(cfg.search, cfg.distill.epochs)
     with timer("tracking"):
-        run_params = {**hp, "channels": arch.channels(), "convs_per_stage": arch.convs_per_stage,
+        training = training_settings(cfg, family)
+        trial.set_user_attr("training", training)
+        run_params = {**knobs, **hp, "family": family,
+                      "channels": channels_of(model), **training,
                       "epochs": cfg.distill.epochs, "batch_size": cfg.distill.batch_size, "seed": seed,
                       **{f"latency_{k}": v for k, v in latency.items() if not k.endswith("_ms")}}
         run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
@@ -92,7 +81,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
             raise Pruned(reason)
         pruner.before_training(trial, cost)
         with timer("train"):
-            cost["val_acc"] = distill_student(ctx, trial, model, hp, seed, run_id, timer, pruner)
+            cost["val_acc"] = distill_student(ctx, trial, model, {**hp, **training}, seed, run_id, timer, pruner)
         with timer("evaluate"), training_epoch():  # compute like an epoch's: never beside a latency timing
             test_right = correct(model, data.test, ctx.normalize)
             cost["test_acc"] = test_right.float().mean().item()
@@ -101,11 +90,11 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
                 trial.set_user_attr("val_correct", bits_of(correct(model, data.val, ctx.normalize).cpu().tolist()))
         with timer("tracking"):
             trial.set_user_attr("test_acc", cost["test_acc"])
-            settled = settled_latency(trial.study, arch, cost["latency_ms"])
+            settled = settled_latency(trial.study, spec, cost["latency_ms"])
             if settled != cost["latency_ms"]:
                 cost["latency_ms"] = settled
                 trial.set_user_attr("latency_ms", settled)
-            _log_weights(ctx.client, run_id, model, arch, data.input_shape[1])
+            _log_weights(ctx.client, run_id, model, spec)
         trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
         times = {f"time_{k}_s": v for k, v in timer.seconds.items()}
         tracking.end_trial_run(ctx.client, run_id, "COMPLETE", metrics={**cost, **times}, step=cfg.distill.epochs)
@@ -135,15 +124,15 @@ def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: Stud
             "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency": latency.to_dict()}
 
 
-def cost_key(arch: Architecture) -> str:
-    return "cost:" + json.dumps(arch.to_dict(), sort_keys=True, separators=(",", ":"))
+def cost_key(spec: StudentSpec) -> str:
+    return "cost:" + json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-def study_cost(ctx: StudyContext, study: optuna.Study, arch: Architecture, model: torch.nn.Module) -> dict:
+def study_cost(ctx: StudyContext, study: optuna.Study, spec: StudentSpec, model: torch.nn.Module) -> dict:
     """One cost per architecture per study, whoever measures it: the first process to need it measures it (under
     the host's latency lock, see `measure_latency`) and stores it in the study, where every other worker and every
     later session reads it."""
-    key = cost_key(arch)
+    key = cost_key(spec)
     if key not in ctx.costs:
         stored = _stored_cost(study, key)
         if stored is None:
@@ -156,10 +145,10 @@ def study_cost(ctx: StudyContext, study: optuna.Study, arch: Architecture, model
     return json.loads(json.dumps(ctx.costs[key]))  # a copy
 
 
-def settled_latency(study: optuna.Study, arch: Architecture, measured: float) -> float:
+def settled_latency(study: optuna.Study, spec: StudentSpec, measured: float) -> float:
     """The study's latency for `arch` when the trial ends. Two machines that measured the same new architecture
     at the same moment both stored theirs and the last write stands; by the end of training both read that one."""
-    stored = _stored_cost(study, cost_key(arch))
+    stored = _stored_cost(study, cost_key(spec))
     return stored["latency_ms"] if stored else measured
 
 
@@ -180,7 +169,8 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
     cfg = ctx.cfg
     settings = TrainSettings(epochs=cfg.distill.epochs, lr=hp["lr"], batch_size=cfg.distill.batch_size,
                              weight_decay=cfg.distill.weight_decay, temperature=hp["temperature"],
-                             alpha=hp["alpha"], seed=seed, augment=cfg.data.augment)
+                             alpha=hp["alpha"], seed=seed, augment=cfg.data.augment, schedule=hp["schedule"],
+                             decay_norms=hp["decay_norms"], label_smoothing=hp["label_smoothing"])
     prepare_model(model, ctx.data.train.y.device)
     trainable = torch.compile(model) if cfg.engine.compile else model
 
@@ -203,9 +193,8 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
                 trial.set_user_attr("val_acc_history", history)
 
 
-def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, arch: Architecture,
-                 image_size: int) -> None:
+def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, spec: StudentSpec) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        torch.save({"arch": arch.to_dict(), "image_size": image_size, "state_dict": state}, Path(tmp) / "student.pt")
+        torch.save({"spec": spec.to_dict(), "state_dict": state}, Path(tmp) / "student.pt")
         client.log_artifact(run_id, str(Path(tmp) / "student.pt"))

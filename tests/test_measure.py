@@ -16,7 +16,7 @@ import pytest
 
 from kdsearch.config import LatencyConfig
 from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
-from kdsearch.models import Architecture, build_model, student_width
+from kdsearch.models import Architecture, build_model, round_channels
 
 ARCH = Architecture(in_channels=1, num_classes=10, width=4, depth=2)
 
@@ -40,8 +40,9 @@ def test_size_in_bytes_counts_buffers_too():
     assert size_bytes(build_model(ARCH, 8)) == 438 * 4 + 24 * 4 + 2 * 8
 
 
-def test_student_width_rounds_the_multiplier():
-    assert [student_width(8, m) for m in (0.25, 0.3, 1.0, 1.94, 0.01)] == [2, 2, 8, 16, 1]
+def test_channel_counts_round_to_the_multiple():
+    assert [round_channels(8 * m, 1) for m in (0.25, 0.3, 1.0, 1.94, 0.01)] == [2, 2, 8, 16, 1]
+    assert [round_channels(c, 8) for c in (2, 4.1, 11.9, 20.1, 101)] == [8, 8, 8, 24, 104]
 
 
 def test_latency_reports_its_settings():

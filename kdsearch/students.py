@@ -1,0 +1,127 @@
+"""The student search space: the families a study samples, each family's knobs, and how a trial samples them.
+
+With one family (or a user builder) the knobs keep their own names (`width`, `depth`, ...), as before there were
+families. With several, the family is a categorical parameter `arch` and each family's knobs are named
+`<family>.<knob>`: a trial holds its own family's knobs only, a conditional space that TPE, NSGA-II, random and GP
+sampling all handle (the last two sample knobs outside their common space independently).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import optuna
+
+from kdsearch.config import IntRange, Range, StudentConfig, StudyConfig, families
+from kdsearch.models import FAMILIES, StudentSpec
+
+SHARED = ("temperature", "alpha", "lr")  # distillation knobs every trial samples
+
+# Training defaults per family, each measured on digits (see BENCHMARKS.md); `[distill]` keys set to a value
+# override them. The convnet keeps the settings it was tuned with before families existed.
+TRAINING_DEFAULTS = {
+    "convnet": {"schedule": "cosine", "decay_norms": True, "label_smoothing": 0.0},
+    "separable": {"schedule": "warmup-cosine", "decay_norms": False, "label_smoothing": 0.0},
+    "resnet": {"schedule": "warmup-cosine", "decay_norms": False, "label_smoothing": 0.0},
+}
+USER_BUILDER_TRAINING = TRAINING_DEFAULTS["convnet"]
+
+
+def knob_space(student: StudentConfig, family: str) -> dict:
+    """The family's knobs: a Range (log scale) or IntRange is searched, a list of strings chosen from, a scalar
+    fixed. Built-in families also get `channel_multiple`."""
+    if family == "convnet":
+        knobs = {k: getattr(student, k) for k in ("base_width", "width", "depth", "convs_per_stage")}
+    elif family in FAMILIES:
+        table = getattr(student, family)
+        knobs = {f.name: getattr(table, f.name) for f in dataclasses.fields(table)}
+    else:
+        return dict(student.custom)
+    return {**knobs, "channel_multiple": student.channel_multiple}
+
+
+def searched(space: dict) -> dict:
+    return {k: v for k, v in space.items() if isinstance(v, (Range, IntRange, list))}
+
+
+def param_name(cfg: StudyConfig, family: str, knob: str) -> str:
+    return f"{family}.{knob}" if len(families(cfg.student)) > 1 else knob
+
+
+def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> tuple[str, dict, dict]:
+    """The trial's family, its knobs (fixed ones included) and the distillation knobs."""
+    names = families(cfg.student)
+    family = trial.suggest_categorical("arch", names) if len(names) > 1 else names[0]
+    knobs = {}
+    for knob, space in knob_space(cfg.student, family).items():
+        name = param_name(cfg, family, knob)
+        if isinstance(space, Range):
+            knobs[knob] = trial.suggest_float(name, *space, log=space[0] > 0)
+        elif isinstance(space, IntRange):
+            knobs[knob] = trial.suggest_int(name, *space)
+        elif isinstance(space, list):
+            knobs[knob] = trial.suggest_categorical(name, space)
+        else:
+            knobs[knob] = space
+    d = cfg.distill
+    hp = {"temperature": trial.suggest_float("temperature", *d.temperature, log=True),
+          "alpha": trial.suggest_float("alpha", *d.alpha),
+          "lr": trial.suggest_float("lr", *d.lr, log=True)}
+    return family, knobs, hp
+
+
+def student_spec(family: str, knobs: dict, input_shape: tuple[int, int, int], num_classes: int) -> StudentSpec:
+    return StudentSpec(family, tuple(input_shape), num_classes, knobs)
+
+
+def search_space(cfg: StudyConfig) -> dict[str, object]:
+    """Every sampled parameter name and its range (a list for a choice), over all the study's families."""
+    names = families(cfg.student)
+    space: dict[str, object] = {"arch": names} if len(names) > 1 else {}
+    for family in names:
+        for knob, values in searched(knob_space(cfg.student, family)).items():
+            space[param_name(cfg, family, knob)] = values
+    d = cfg.distill
+    return {**space, "temperature": d.temperature, "alpha": d.alpha, "lr": d.lr}
+
+
+def family_params(cfg: StudyConfig, family: str) -> list[str]:
+    """The parameter names a trial of `family` holds."""
+    names = ["arch"] if len(families(cfg.student)) > 1 else []
+    names += [param_name(cfg, family, k) for k in searched(knob_space(cfg.student, family))]
+    return names + list(SHARED)
+
+
+def params_in_space(cfg: StudyConfig, params: dict) -> bool:
+    """Whether a trial's parameters (e.g. an earlier study's) are exactly those of a family of this study, each
+    within this study's range."""
+    names = families(cfg.student)
+    family = params.get("arch", names[0] if len(names) == 1 else None)
+    if family not in names or sorted(params) != sorted(family_params(cfg, family)):
+        return False
+    space = search_space(cfg)
+    return all(v in space[k] if isinstance(space[k], list) else space[k][0] <= v <= space[k][1]
+               for k, v in params.items())
+
+
+def middle_params(cfg: StudyConfig, family: str) -> dict:
+    """A mid-sized student of `family` (the baselines): width 1 where the range holds it, else the geometric
+    middle; the middle integer; the first choice."""
+    params: dict = {"arch": family} if len(families(cfg.student)) > 1 else {}
+    for knob, space in searched(knob_space(cfg.student, family)).items():
+        if isinstance(space, IntRange):
+            value = round(sum(space) / 2)
+        elif isinstance(space, Range):
+            value = (min(max(1.0, space[0]), space[1]) if knob == "width"
+                     else sum(space) / 2 if space[0] <= 0 else math.sqrt(space[0] * space[1]))
+        else:
+            value = space[0]
+        params[param_name(cfg, family, knob)] = value
+    return params
+
+
+def training_settings(cfg: StudyConfig, family: str) -> dict:
+    """The family's training defaults, with the study file's values where it sets them."""
+    defaults = TRAINING_DEFAULTS.get(family, USER_BUILDER_TRAINING)
+    return {k: defaults[k] if getattr(cfg.distill, k) == "auto" else getattr(cfg.distill, k) for k in defaults}

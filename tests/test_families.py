@@ -1,0 +1,170 @@
+"""Student families: counted by hand, sampled as a conditional space, trained, measured, exported; a user's own
+builder alike."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+import torch
+
+from kdsearch import KdsearchError
+from kdsearch.config import StudyConfig, load_study
+from kdsearch.distill import TrainSettings, kd_loss, make_optimizer
+from kdsearch.measure import count_flops, count_params
+from kdsearch.models import StudentSpec, build_student, resnet, separable
+from kdsearch.study import make_sampler
+from kdsearch.students import family_params, middle_params, params_in_space, sample_student, search_space
+
+
+def test_separable_counted_by_hand():
+    # channels: stem 8, stage 0 8 (stride 1), stage 1 16 (stride 2); plain separable blocks (expand 1)
+    model = separable((1, 8, 8), 10, base_width=8, width=1.0, depth=2, channel_multiple=8)
+    stem = 1 * 8 * 9 + 2 * 8                      # 88
+    stage0 = 8 * 9 + 2 * 8 + 8 * 8 + 2 * 8        # depthwise, BN, pointwise, BN: 168
+    stage1 = 8 * 9 + 2 * 8 + 8 * 16 + 2 * 16      # 248
+    head = 16 * 10 + 10                           # 170
+    assert count_params(model) == stem + stage0 + stage1 + head == 674
+    # multiply-adds: stem and stage 0 at 8x8, stage 1 at 4x4 after its stride-2 depthwise conv; 2 FLOPs each
+    macs = 64 * 8 * 9 + 64 * 8 * 9 + 64 * 8 * 8 + 16 * 8 * 9 + 16 * 8 * 16 + 16 * 10
+    assert count_flops(model, (1, 8, 8)) == 2 * macs == 33_344
+
+
+def test_inverted_residuals_counted_by_hand_and_add_their_input():
+    model = separable((1, 8, 8), 10, base_width=8, width=1.0, depth=1, blocks=2, expand=2, channel_multiple=8)
+    block = (8 * 16 + 2 * 16) + (16 * 9 + 2 * 16) + (16 * 8 + 2 * 8)  # expand, depthwise, project: 480
+    assert count_params(model) == 88 + 2 * block + (8 * 10 + 10) == 1138
+    blocks = [m for m in model.modules() if type(m).__name__ == "SeparableBlock"]
+    assert [b.residual for b in blocks] == [True, True]  # stage 0 keeps size and channels
+
+
+def test_resnet_counted_by_hand():
+    # channels 8, 16, 32 (base 8 x width 1); one basic block per stage; 1x1 projections where the shape changes
+    model = resnet((1, 4, 4), 2, base_width=8, width=1.0, blocks=1, channel_multiple=8)
+    stem = 9 * 8 + 16
+    stage1 = 2 * (8 * 8 * 9 + 16)
+    stage2 = 8 * 16 * 9 + 32 + 16 * 16 * 9 + 32 + (8 * 16 + 32)
+    stage3 = 16 * 32 * 9 + 64 + 32 * 32 * 9 + 64 + (16 * 32 + 64)
+    assert count_params(model) == stem + stage1 + stage2 + stage3 + 32 * 2 + 2 == 19_546
+    macs = (16 * 8 * 9                                           # stem at 4x4
+            + 2 * 16 * 8 * 72                                    # stage 1 at 4x4
+            + 4 * 16 * 72 + 4 * 16 * 144 + 4 * 16 * 8            # stage 2 at 2x2, with its projection
+            + 1 * 32 * 144 + 1 * 32 * 288 + 1 * 32 * 16          # stage 3 at 1x1
+            + 32 * 2)
+    assert count_flops(model, (1, 4, 4)) == 2 * macs == 96_640
+
+
+def test_resnet_depths_are_the_cifar_family():
+    for blocks, layers in ((1, 8), (2, 14), (3, 20)):
+        model = resnet((3, 32, 32), 10, base_width=16, width=1.0, blocks=blocks)
+        weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                    and getattr(m, "kernel_size", (3, 3)) != (1, 1)]
+        assert len(weighted) == layers  # 6n + 2: the 1x1 projections are not counted as layers
+
+
+def test_user_builder_counted_by_hand():
+    model = build_student(StudentSpec("own_students:tiny_mlp", (1, 8, 8), 10, {"hidden": 16}))
+    assert count_params(model) == 64 * 16 + 16 + 16 * 10 + 10 == 1210
+    assert count_flops(model, (1, 8, 8)) == 2 * (64 * 16 + 16 * 10)
+
+
+def test_channel_multiple_rounds_every_built_in_family():
+    for build in (separable, resnet):
+        knobs = {"base_width": 8, "width": 1.3, "channel_multiple": 8}
+        model = build((1, 8, 8), 10, depth=2, **knobs) if build is separable else build((1, 8, 8), 10, blocks=1,
+                                                                                             **knobs)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(c.out_channels % 8 == 0 for c in convs)
+
+
+def mixed_config(**student) -> StudyConfig:
+    cfg = StudyConfig()
+    return cfg.replace(student=cfg.student.__class__(arch=("convnet", "separable", "resnet"), **student))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "random", "gp"])
+def test_categorical_space_samples_each_familys_own_knobs_only(sampler):
+    cfg = mixed_config()
+    cfg = cfg.replace(search=cfg.search.__class__(sampler=sampler))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg))
+    seen = set()
+    for i in range(24):
+        trial = study.ask()
+        family, knobs, hp = sample_student(trial, cfg)
+        seen.add(family)
+        assert sorted(trial.params) == sorted(family_params(cfg, family))
+        assert all(name.startswith(f"{family}.") for name in trial.params if name not in ("arch", *hp))
+        model = build_student(StudentSpec(family, (1, 8, 8), 10, knobs))
+        study.tell(trial, [0.5 + 0.01 * i, count_params(model), 1.0])
+    assert seen == {"convnet", "separable", "resnet"}
+
+
+def test_a_single_family_keeps_its_plain_knob_names():
+    assert sorted(search_space(StudyConfig())) == ["alpha", "depth", "lr", "temperature", "width"]
+
+
+def test_warm_start_accepts_only_a_familys_own_knobs_within_range():
+    cfg = mixed_config()
+    good = {**middle_params(cfg, "resnet"), "temperature": 4.0, "alpha": 0.5, "lr": 0.05}
+    assert params_in_space(cfg, good)
+    assert not params_in_space(cfg, {**good, "separable.depth": 2})  # a knob of another family
+    assert not params_in_space(cfg, {**good, "resnet.blocks": 9})  # outside the range
+
+
+def test_study_file_errors_name_the_key(tmp_path):
+    path = tmp_path / "s.toml"
+    for text, expected in [
+        ('[student]\narch = ["convnet", "mlp"]', "student.arch"),
+        ('[student]\narch = "transformer"', "student.arch = 'transformer' is unknown"),
+        ('[student.custom]\nhidden = [4, 8]', "[student.custom] holds a user builder's knobs"),
+        ('[teacher]\narch = "resnet18"', "teacher.arch = 'resnet18' is unknown"),
+        ('[distill]\nlabel_smoothing = 1.5', "distill.label_smoothing"),
+        ('[student]\narch = "own_students:tiny_mlp"\n[student.custom]\nhidden = {a = 1}', "student.custom.hidden"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(KdsearchError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            load_study(path)
+
+
+def test_builder_problems_are_one_line_errors():
+    with pytest.raises(KdsearchError, match="cannot import no_such_pkg"):
+        build_student(StudentSpec("no_such_pkg.nets:tiny", (1, 8, 8), 10, {}))
+    with pytest.raises(KdsearchError, match="has no function 'missing'"):
+        build_student(StudentSpec("own_students:missing", (1, 8, 8), 10, {}))
+    with pytest.raises(KdsearchError, match="must return an nn.Module"):
+        build_student(StudentSpec("own_students:not_a_module", (1, 8, 8), 10, {}))
+    with pytest.raises(KdsearchError, match="failed with knobs"):
+        build_student(StudentSpec("own_students:tiny_mlp", (1, 8, 8), 10, {"activation": "gelu"}))
+
+
+def test_warmup_then_cosine_by_hand():
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, TrainSettings(epochs=3, lr=1.0, batch_size=1), total_steps=12, warmup_steps=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+
+
+def test_norms_and_biases_are_not_decayed_unless_asked():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    opt, _ = make_optimizer(model, TrainSettings(epochs=1, lr=0.1, batch_size=1, decay_norms=False), 10)
+    decayed = [p.shape for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed == [torch.Size([4, 1, 3, 3])]
+    opt, _ = make_optimizer(model, TrainSettings(epochs=1, lr=0.1, batch_size=1, decay_norms=True), 10)
+    assert sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] > 0) == 4
+
+
+def test_label_smoothing_smooths_the_hard_term_only_by_hand():
+    s = torch.tensor([[2.0, 0.0]])
+    y = torch.tensor([0])
+    log_p = [2 - math.log(math.exp(2) + 1), -math.log(math.exp(2) + 1)]
+    # CE with smoothing 0.2 over 2 classes: target (0.9, 0.1)
+    assert kd_loss(s, None, y, 1.0, 0.0, 0.2).item() == pytest.approx(-(0.9 * log_p[0] + 0.1 * log_p[1]))
+    # with alpha 1 the soft term alone remains: smoothing does not touch it
+    t = torch.tensor([[0.0, 1.0]])
+    assert kd_loss(s, t, y, 2.0, 1.0, 0.2).item() == pytest.approx(kd_loss(s, t, y, 2.0, 1.0, 0.0).item())
