@@ -81,7 +81,7 @@ def test_mlflow_has_study_run_nested_trials_and_teacher(first_study):
 
 
 def test_report_shows_the_kd_gain_of_the_baselines(first_study):
-    gain = json.loads((first_study / "reports" / "digits" / "kd_gain.json").read_text())
+    gain = json.loads((first_study / "reports" / "digits" / "kd_gain.json").read_text())["convnet"]
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
     plain, kd = study.trials[0], study.trials[1]
     assert gain["trials"] == [0, 1] and gain["val_gain"] == pytest.approx(kd.values[0] - plain.values[0])

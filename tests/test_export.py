@@ -1,22 +1,12 @@
 """Export: the files give the trained student's predictions, the card says what it is, MLflow holds the model."""
 
-import json
-import os
 
-import numpy as np
-import onnxruntime
 import optuna
 import pytest
-import torch
-from helpers import fast, study_in_new_folder
-from mlflow import MlflowClient
+from helpers import export_matches_student, fast, study_in_new_folder
 
 from kdsearch import KdsearchError
-from kdsearch.cli import main
-from kdsearch.config import DataConfig
-from kdsearch.data import load_dataset
-from kdsearch.distill import Normalizer, predict_logits
-from kdsearch.export import choose_trial, load_student
+from kdsearch.export import choose_trial
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +27,11 @@ def test_choose_trial_picks_the_most_accurate_within_the_bound(study_folder):
         choose_trial(study, trial=99)
 
 
-def test_exported_files_predict_like_the_student(study_folder, monkeypatch, capsys):
-    monkeypatch.chdir(study_folder)
-    assert main(["export", "--study-name", "digits", "--trial", "2"]) == 0
-    assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left MLflow's global tracking URI alone
-    out = study_folder / "exports" / "digits" / "trial-2"
-    client = MlflowClient(f"sqlite:///{study_folder}/mlflow.db")
-    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{study_folder}/optuna.db")
-    trial = study.trials[2]
-    student, _ = load_student(client, trial.user_attrs["mlflow_run_id"])
-
-    data = load_dataset(DataConfig(), seed=0)
-    images = data.test.x[:50]
-    expected = predict_logits(student, images, Normalizer(data.mean, data.std, "cpu")).numpy()
-    scripted = torch.jit.load(str(out / "student.ts"))(images.float()).detach().numpy()
-    session = onnxruntime.InferenceSession(str(out / "student.onnx"))
-    onnx_out = session.run(None, {"images": images.float().numpy()})[0]
-    np.testing.assert_allclose(scripted, expected, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(onnx_out, expected, atol=1e-4, rtol=1e-4)
-
-    card = json.loads((out / "card.json").read_text())
+def test_exported_files_predict_like_the_student(study_folder):
+    card = export_matches_student(study_folder, "digits", 2)
+    trial = optuna.load_study(study_name="digits", storage=f"sqlite:///{study_folder}/optuna.db").trials[2]
     assert (card["trial"], card["params"], card["val_acc"]) == (2, trial.user_attrs["params"], trial.values[0])
+    assert card["family"] == "convnet" and card["channels"] == trial.user_attrs["channels"]
     assert card["distillation"]["temperature"] == trial.params["temperature"]
+    assert card["distillation"]["schedule"] == "cosine"
     assert card["latency"]["threads"] == 1 and card["latency"]["batch_size"] == 1 and card["teacher"]["params"] > 0
-    run = client.get_run(trial.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    logged = client.search_logged_models([run.info.experiment_id])
-    assert any(m.source_run_id == run.info.run_id for m in logged)

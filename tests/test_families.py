@@ -3,19 +3,22 @@ builder alike."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import optuna
+import pandas as pd
 import pytest
 import torch
+from helpers import export_matches_student, fast, study_in_new_folder
 
 from kdsearch import KdsearchError
 from kdsearch.config import StudyConfig, load_study
 from kdsearch.distill import TrainSettings, kd_loss, make_optimizer
 from kdsearch.measure import count_flops, count_params
 from kdsearch.models import StudentSpec, build_student, resnet, separable
-from kdsearch.study import make_sampler
 from kdsearch.students import family_params, middle_params, params_in_space, sample_student, search_space
+from kdsearch.study import make_sampler
 
 
 def test_separable_counted_by_hand():
@@ -168,3 +171,57 @@ def test_label_smoothing_smooths_the_hard_term_only_by_hand():
     # with alpha 1 the soft term alone remains: smoothing does not touch it
     t = torch.tensor([[0.0, 1.0]])
     assert kd_loss(s, t, y, 2.0, 1.0, 0.2).item() == pytest.approx(kd_loss(s, t, y, 2.0, 1.0, 0.0).item())
+
+
+def test_a_student_saved_before_families_loads_as_a_convnet():
+    from kdsearch.export import _convnet_spec
+    from kdsearch.models import Architecture, build_model
+
+    old = build_model(Architecture(1, 10, 6, 2), 8)  # 6 channels: saved before channel counts were rounded
+    spec = _convnet_spec({"arch": Architecture(1, 10, 6, 2).to_dict(), "image_size": 8})
+    build_student(spec).load_state_dict(old.state_dict())
+
+
+@pytest.fixture(scope="module")
+def mixed_study(tmp_path_factory):
+    args = ["--n-trials", "9", *fast(), "--set", "student.arch=['convnet', 'separable', 'resnet']",
+            "--set", "student.resnet.width=[0.25, 0.5]"]
+    with study_in_new_folder(tmp_path_factory, "families", args) as folder:
+        yield folder
+
+
+def test_every_family_trains_reports_and_exports(mixed_study):
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{mixed_study}/optuna.db")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {t.user_attrs["family"] for t in done} == {"convnet", "separable", "resnet"}
+    for t in done:
+        assert t.user_attrs["family"] == t.params["arch"]
+        assert t.user_attrs["params"] > 0 and t.user_attrs["latency_ms"] > 0 and 0 <= t.values[0] <= 1
+    front = pd.read_csv(mixed_study / "reports" / "digits" / "pareto.csv")
+    assert set(front["family"]) <= {"convnet", "separable", "resnet"} and len(front)
+    gains = json.loads((mixed_study / "reports" / "digits" / "kd_gain.json").read_text())
+    assert sorted(gains) == ["convnet", "resnet", "separable"]
+    for family, gain in gains.items():
+        plain, kd = (study.trials[n] for n in gain["trials"])
+        assert plain.user_attrs["baseline_family"] == kd.user_attrs["baseline_family"] == family
+        assert plain.params == {**kd.params, "alpha": 0.0} and plain.user_attrs["seed"] == kd.user_attrs["seed"]
+    for family in ("separable", "resnet"):
+        first = min(t.number for t in done if t.user_attrs["family"] == family)
+        card = export_matches_student(mixed_study, "digits", first)
+        assert card["family"] == family and card["distillation"]["schedule"] == "warmup-cosine"
+        assert card["architecture"]["knobs"]["channel_multiple"] == 8
+
+
+def test_a_user_builder_behaves_like_a_built_in(tmp_path_factory):
+    args = ["--n-trials", "4", *fast(), "--set", "student.arch='own_students:tiny_mlp'",
+            "--set", "student.custom.hidden=[4, 32]", "--set", "student.custom.activation=['relu', 'tanh']",
+            "--set", "search.baselines=false"]
+    with study_in_new_folder(tmp_path_factory, "own", args) as folder:
+        study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db")
+        trial = study.trials[0]
+        assert sorted(trial.params) == ["activation", "alpha", "hidden", "lr", "temperature"]
+        assert trial.user_attrs["params"] == 64 * trial.params["hidden"] + trial.params["hidden"] + \
+            trial.params["hidden"] * 10 + 10
+        card = export_matches_student(folder, "digits", 0)
+        assert card["family"] == "own_students:tiny_mlp" and card["architecture"]["knobs"]["hidden"] == \
+            trial.params["hidden"]
