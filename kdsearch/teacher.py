@@ -22,7 +22,14 @@ from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, train
 from kdsearch.engine import prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency
-from kdsearch.models import FAMILY_VERSION, Architecture, build_model, load_checkpoint, torchvision_model
+from kdsearch.models import (
+    FAMILY_VERSION,
+    Architecture,
+    ExportedModule,
+    build_model,
+    load_checkpoint,
+    torchvision_model,
+)
 from kdsearch.timing_lock import training_epoch
 
 
@@ -179,11 +186,13 @@ def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
 def _check_output(model: nn.Module, data: Dataset, path: Path) -> None:
     try:
         with torch.no_grad():
-            out = model.eval()(torch.zeros(2, *data.input_shape))
+            out = model.eval()(torch.zeros(3, *data.input_shape))
     except Exception as e:
+        hint = (" exported with a dynamic batch size (dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+                if isinstance(model, ExportedModule) else "")
         raise KdsearchError(f"teacher checkpoint {path} does not accept images of shape {data.input_shape} "
-                            f"({first_line(e)}): use a teacher made for {data.name}") from None
-    if out.shape != (2, data.num_classes):
+                            f"({first_line(e)}): use a teacher made for {data.name}{hint}") from None
+    if out.shape != (3, data.num_classes):
         raise KdsearchError(f"teacher checkpoint {path} gives {tuple(out.shape)[1:]} outputs, the data has "
                             f"{data.num_classes} classes: use a teacher made for {data.name}")
 

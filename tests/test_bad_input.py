@@ -90,7 +90,7 @@ FAST = fast()
 
 @pytest.mark.parametrize("override, expected", [
     ("search.pruner='sometimes'", "search.pruner = 'sometimes' is unknown: use one of auto, none"),
-    ("teacher.arch='resnet'", "teacher.arch = 'resnet' is unknown: use one of convnet"),
+    ("teacher.arch='resnet'", "teacher.arch = 'resnet' is unknown: use 'convnet' or 'torchvision:<model>'"),
     ("search.pruner='median'", "needs one objective: use search.mode = 'budget'"),
     ("latency.dtype='float16'", "latency.dtype = 'float16': use float32 or bfloat16"),
 ])
@@ -127,15 +127,26 @@ def _checkpoint_case(workdir, kind):
         torch.jit.script(build_model(Architecture(3, 10, 8, 2), 8)).save(str(path))
     elif kind == "state_dict":
         torch.save(build_model(Architecture(1, 5, 8, 2), 8).state_dict(), path)
+    elif kind == "pt2-classes":
+        path = workdir / "teacher.pt2"
+        torch.export.save(torch.export.export(build_model(Architecture(1, 5, 8, 2), 8).eval(),
+                                              (torch.zeros(3, 1, 8, 8),)), str(path))
+    elif kind == "pt2-batch":
+        path = workdir / "teacher.pt2"
+        torch.export.save(torch.export.export(build_model(Architecture(1, 10, 8, 2), 8).eval(),
+                                              (torch.zeros(2, 1, 8, 8),)), str(path))
     return path
 
 
 @pytest.mark.parametrize("kind, expected", [
     ("missing", "not found: fix teacher.checkpoint"),
-    ("corrupt", "is neither TorchScript nor a state_dict"),
+    ("corrupt", "is neither a torch.export program (.pt2), TorchScript nor a state_dict"),
     ("classes", "gives (5,) outputs, the data has 10 classes"),
+    ("pt2-classes", "gives (5,) outputs, the data has 10 classes"),
+    ("pt2-batch", "exported with a dynamic batch size"),
     ("shape", "does not accept images of shape (1, 8, 8)"),
-    ("state_dict", "is neither TorchScript nor a state_dict of the [teacher] architecture"),
+    ("state_dict", "is neither a torch.export program (.pt2), TorchScript nor a state_dict of the [teacher] "
+                   "architecture"),
 ])
 def test_bad_teacher_checkpoint(workdir, capsys, kind, expected):
     path = workdir / "missing.pt" if kind == "missing" else _checkpoint_case(workdir, kind)

@@ -225,3 +225,32 @@ def test_a_user_builder_behaves_like_a_built_in(tmp_path_factory):
         card = export_matches_student(folder, "digits", 0)
         assert card["family"] == "own_students:tiny_mlp" and card["architecture"]["knobs"]["hidden"] == \
             trial.params["hidden"]
+
+
+def test_a_torch_export_teacher_checkpoint_distils(tmp_path_factory, tmp_path):
+    from kdsearch.models import Architecture, build_model
+
+    teacher = build_model(Architecture(1, 10, 8, 2), 8).eval()
+    path = tmp_path / "teacher.pt2"
+    batch = {"x": {0: torch.export.Dim("batch")}}
+    torch.export.save(torch.export.export(teacher, (torch.zeros(2, 1, 8, 8),), dynamic_shapes=batch), str(path))
+    args = ["--n-trials", "2", *fast(), "--set", f"teacher.checkpoint='{path}'", "--set", "search.baselines=false"]
+    with study_in_new_folder(tmp_path_factory, "pt2", args) as folder:
+        study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db")
+        assert study.user_attrs["teacher"]["params"] == sum(p.numel() for p in teacher.parameters())
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_a_torchvision_teacher_is_fitted_to_the_data_and_trained(tmp_path_factory):
+    from kdsearch.models import torchvision_model
+
+    model = torchvision_model("squeezenet1_1", (1, 8, 8), 10)  # too small for its pooling: upsampled
+    assert model.size == 32 and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(KdsearchError, match="resnet18"):
+        torchvision_model("resnet181", (1, 8, 8), 10)
+    args = ["--n-trials", "1", *fast(teacher_epochs=3), "--set", "teacher.arch='torchvision:resnet18'", "--set",
+            "search.baselines=false"]
+    with study_in_new_folder(tmp_path_factory, "tv", args) as folder:
+        study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db")
+        figures = study.user_attrs["teacher"]
+        assert figures["params"] > 11_000_000 and figures["val_acc"] > 0.2  # it learns (chance: 0.1)

@@ -10,14 +10,14 @@ from kdsearch import KdsearchError
 from kdsearch.config import StudyConfig, build, check_values
 from kdsearch.data import load_dataset
 from kdsearch.measure import count_params
-from kdsearch.models import build_model
-from kdsearch.trial import sample_student, student_arch
+from kdsearch.models import build_student
+from kdsearch.students import sample_student, student_spec
 
 SECTIONS = {name: list(getattr(StudyConfig(), name).__dataclass_fields__)
             for name in ("data", "teacher", "student", "distill", "search", "latency", "engine")}
 scalars = st.one_of(st.integers(-5, 50), st.floats(-2, 30, allow_nan=False), st.booleans(),
                     st.sampled_from(["digits", "mnist", "tpe", "random", "nsga2", "gp", "none", "crop", "pareto",
-                                     "budget", "median", "cpu", "x"]),
+                                     "budget", "median", "cpu", "x", "separable", "resnet", "auto"]),
                     st.lists(st.one_of(st.integers(-1, 8), st.floats(-1, 25, allow_nan=False)), max_size=3))
 
 
@@ -48,6 +48,6 @@ def test_random_study_files_load_or_fail_with_our_error(table, digits):
         assert str(e).startswith("random.toml: ") and "\n" not in str(e)
         return
     trial = optuna.create_study().ask()  # a student sampled from the file's ranges builds and counts
-    hp = sample_student(trial, cfg)
-    model = build_model(student_arch(cfg, digits, hp["width"], hp["depth"]), digits.input_shape[1])
+    family, knobs, _ = sample_student(trial, cfg)
+    model = build_student(student_spec(family, knobs, digits.input_shape, digits.num_classes))
     assert count_params(model) > 0
