@@ -22,16 +22,16 @@ from kdsearch.study import make_sampler
 
 
 def test_separable_counted_by_hand():
-    # channels: stem 8, stage 0 8 (stride 1), stage 1 16 (stride 2); plain separable blocks (expand 1)
+    # channels: stem 8, stage 0 8, stage 1 16, each stage starting with stride 2; plain separable blocks
     model = separable((1, 8, 8), 10, base_width=8, width=1.0, depth=2, channel_multiple=8)
     stem = 1 * 8 * 9 + 2 * 8                      # 88
     stage0 = 8 * 9 + 2 * 8 + 8 * 8 + 2 * 8        # depthwise, BN, pointwise, BN: 168
     stage1 = 8 * 9 + 2 * 8 + 8 * 16 + 2 * 16      # 248
     head = 16 * 10 + 10                           # 170
     assert count_params(model) == stem + stage0 + stage1 + head == 674
-    # multiply-adds: stem and stage 0 at 8x8, stage 1 at 4x4 after its stride-2 depthwise conv; 2 FLOPs each
-    macs = 64 * 8 * 9 + 64 * 8 * 9 + 64 * 8 * 8 + 16 * 8 * 9 + 16 * 8 * 16 + 16 * 10
-    assert count_flops(model, (1, 8, 8)) == 2 * macs == 33_344
+    # multiply-adds: stem at 8x8, stage 0 at 4x4 and stage 1 at 2x2 after their stride-2 depthwise convs
+    macs = 64 * 8 * 9 + 16 * 8 * 9 + 16 * 8 * 8 + 4 * 8 * 9 + 4 * 8 * 16 + 16 * 10
+    assert count_flops(model, (1, 8, 8)) == 2 * macs == 15_488
 
 
 def test_inverted_residuals_counted_by_hand_and_add_their_input():
@@ -39,7 +39,7 @@ def test_inverted_residuals_counted_by_hand_and_add_their_input():
     block = (8 * 16 + 2 * 16) + (16 * 9 + 2 * 16) + (16 * 8 + 2 * 8)  # expand, depthwise, project: 480
     assert count_params(model) == 88 + 2 * block + (8 * 10 + 10) == 1138
     blocks = [m for m in model.modules() if type(m).__name__ == "SeparableBlock"]
-    assert [b.residual for b in blocks] == [True, True]  # stage 0 keeps size and channels
+    assert [b.residual for b in blocks] == [False, True]  # the second block keeps size and channels
 
 
 def test_resnet_counted_by_hand():

@@ -1,0 +1,78 @@
+"""Each student family's training defaults, one at a time: the family's mid-sized student (the baselines' knobs)
+distilled with the family's defaults, and with one default changed, over several seeds, in one run.
+
+    python benchmarks/bench_training.py [--study digits] [--seeds 0 1 2 3 4] [--set distill.epochs=15 ...]
+
+Prints, for each family and each default, the mean validation accuracy (and its standard error over seeds) with
+the default and with the other choice, and the difference. Distillation at T = 4, alpha = 0.5 and the middle of
+the study's learning-rate range, as the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from common import CACHE, study_config
+
+from kdsearch.data import load_dataset
+from kdsearch.distill import Normalizer, TrainSettings, train
+from kdsearch.engine import configure_cpu, prepare_model
+from kdsearch.models import build_student
+from kdsearch.students import TRAINING_DEFAULTS, middle_params, sample_student, student_spec
+from kdsearch.teacher import get_teacher
+
+OTHER = {"schedule": {"cosine": "warmup-cosine", "warmup-cosine": "cosine"},
+         "decay_norms": {True: False, False: True}, "label_smoothing": {0.0: 0.1, 0.1: 0.0}}
+
+
+def val_acc(cfg, data, teacher, normalize, family: str, training: dict, seed: int) -> float:
+    one = cfg.replace(student=dataclasses.replace(cfg.student, arch=family))
+    d = cfg.distill
+    params = {**middle_params(one, family), "temperature": 4.0, "alpha": 0.5, "lr": math.sqrt(d.lr[0] * d.lr[1])}
+    family, knobs, hp = sample_student(optuna.trial.FixedTrial(params), one)
+    torch.manual_seed(seed)
+    model = prepare_model(build_student(student_spec(family, knobs, data.input_shape, data.num_classes)),
+                          torch.device("cpu"))
+    settings = TrainSettings(epochs=d.epochs, lr=hp["lr"], batch_size=d.batch_size, weight_decay=d.weight_decay,
+                             temperature=4.0, alpha=0.5, seed=seed, **training)
+    return train(model, data.train, data.val, normalize, settings, teacher.train_logits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", default="digits")
+    parser.add_argument("--families", nargs="+", default=["convnet", "separable", "resnet"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    configure_cpu()
+    cfg = study_config(args.study, args.set)
+    data = load_dataset(cfg.data, cfg.seed)
+    teacher = get_teacher(cfg, data, torch.device("cpu"), Path(CACHE))
+    normalize = Normalizer(data.mean, data.std, "cpu")
+    print(f"{args.study}: {cfg.distill.epochs} epochs, seeds {args.seeds}, teacher val_acc "
+          f"{teacher.metrics['val_acc']:.4f}", flush=True)
+    for family in args.families:
+        started = time.perf_counter()
+        default = TRAINING_DEFAULTS[family]
+        base = [val_acc(cfg, data, teacher, normalize, family, default, s) for s in args.seeds]
+        for key, flip in OTHER.items():
+            changed = {**default, key: flip[default[key]]}
+            other = [val_acc(cfg, data, teacher, normalize, family, changed, s) for s in args.seeds]
+            diffs = [a - b for a, b in zip(base, other)]
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+            print(f"{family:>9} {key}: default {default[key]!s:>13} {statistics.mean(base):.4f}, "
+                  f"{flip[default[key]]!s:>13} {statistics.mean(other):.4f}: default better by "
+                  f"{statistics.mean(diffs):+.4f} +/- {se:.4f} (paired over seeds)", flush=True)
+        print(f"{family:>9}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
