@@ -6,6 +6,7 @@ logged, never returned to the sampler.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -55,8 +56,9 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     torch.manual_seed(seed)
     spec = student_spec(family, knobs, data.input_shape, data.num_classes)
     model = build_student(spec)
+    key = cost_key(spec, model)
     with timer("measure"):
-        cost = study_cost(ctx, trial.study, spec, model)
+        cost = study_cost(ctx, trial.study, key, model)
         latency = cost.pop("latency")
     for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
         trial.set_user_attr(key, cost[key])
@@ -90,7 +92,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
                 trial.set_user_attr("val_correct", bits_of(correct(model, data.val, ctx.normalize).cpu().tolist()))
         with timer("tracking"):
             trial.set_user_attr("test_acc", cost["test_acc"])
-            settled = settled_latency(trial.study, spec, cost["latency_ms"])
+            settled = settled_latency(trial.study, key, cost["latency_ms"])
             if settled != cost["latency_ms"]:
                 cost["latency_ms"] = settled
                 trial.set_user_attr("latency_ms", settled)
@@ -124,15 +126,19 @@ def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: Stud
             "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency": latency.to_dict()}
 
 
-def cost_key(spec: StudentSpec) -> str:
-    return "cost:" + json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+def cost_key(spec: StudentSpec, model: torch.nn.Module) -> str:
+    """The architecture actually built: its family, the data's shape and a digest of its layers. Knob values that
+    build the same network (two width multipliers rounded to the same channel counts) share one key."""
+    layers = hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+    arch = {"family": spec.family, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes,
+            "layers": layers}
+    return "cost:" + json.dumps(arch, sort_keys=True, separators=(",", ":"))
 
 
-def study_cost(ctx: StudyContext, study: optuna.Study, spec: StudentSpec, model: torch.nn.Module) -> dict:
+def study_cost(ctx: StudyContext, study: optuna.Study, key: str, model: torch.nn.Module) -> dict:
     """One cost per architecture per study, whoever measures it: the first process to need it measures it (under
     the host's latency lock, see `measure_latency`) and stores it in the study, where every other worker and every
     later session reads it."""
-    key = cost_key(spec)
     if key not in ctx.costs:
         stored = _stored_cost(study, key)
         if stored is None:
@@ -145,10 +151,10 @@ def study_cost(ctx: StudyContext, study: optuna.Study, spec: StudentSpec, model:
     return json.loads(json.dumps(ctx.costs[key]))  # a copy
 
 
-def settled_latency(study: optuna.Study, spec: StudentSpec, measured: float) -> float:
+def settled_latency(study: optuna.Study, key: str, measured: float) -> float:
     """The study's latency for `arch` when the trial ends. Two machines that measured the same new architecture
     at the same moment both stored theirs and the last write stands; by the end of training both read that one."""
-    stored = _stored_cost(study, cost_key(spec))
+    stored = _stored_cost(study, key)
     return stored["latency_ms"] if stored else measured
 
 

@@ -126,14 +126,15 @@ def test_resume_adds_trials_without_retraining_or_duplicating(first_study, monke
 def test_one_latency_per_architecture_whoever_measures_it(first_study):
     """Every trial of one architecture has the study's one latency, the resumed session's included."""
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
-    from kdsearch.models import StudentSpec
+    from kdsearch.models import StudentSpec, build_student
     from kdsearch.trial import cost_key
 
     stored = {k: v for k, v in study.user_attrs.items() if k.startswith("cost:")}
     for t in study.trials:
         knobs = {"base_width": 8, "width": t.params["width"], "depth": t.params["depth"], "convs_per_stage": 1,
                  "channel_multiple": 8}
-        key = cost_key(StudentSpec("convnet", (1, 8, 8), 10, knobs))
+        spec = StudentSpec("convnet", (1, 8, 8), 10, knobs)
+        key = cost_key(spec, build_student(spec))
         assert t.values[2] == stored[key]["latency_ms"] and t.values[1] == stored[key]["params"]
 
 
@@ -148,15 +149,16 @@ def test_a_stored_latency_is_used_not_measured_again(tmp_path_factory):
         mp.chdir(folder)
         mp.setattr(kdsearch.trial, "measure_cost", lambda *a: pytest.fail("measured again"))
         from kdsearch.config import load_study
-        from kdsearch.models import StudentSpec
+        from kdsearch.models import StudentSpec, build_student
         from kdsearch.study import open_study
 
         cfg = load_study(kdsearch.cli.find_study_file("digits"), [a for a in FAST if a != "--set"])
         study = open_study(cfg, "digits", open_storage(f"sqlite:///{folder}/optuna.db"))
         knobs = {"base_width": 8, "width": 1.0, "depth": 2, "convs_per_stage": 1, "channel_multiple": 8}
         baseline = StudentSpec("convnet", (1, 8, 8), 10, knobs)  # width 1.0 x base 8, depth (1 + 3) / 2
-        study.set_user_attr(cost_key(baseline), {"params": 1234, "flops": 1, "size_bytes": 1, "latency_ms": 0.5,
-                                                      "latency_iqr_ms": 0.0, "latency": {"device": "cpu"}})
+        stored = {"params": 1234, "flops": 1, "size_bytes": 1, "latency_ms": 0.5, "latency_iqr_ms": 0.0,
+                  "latency": {"device": "cpu"}}
+        study.set_user_attr(cost_key(baseline, build_student(baseline)), stored)
         assert main(["run-study", *args]) == 0
     trial = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db").trials[0]
     assert trial.values[1:] == [1234, 0.5]

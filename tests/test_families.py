@@ -81,6 +81,18 @@ def test_channel_multiple_rounds_every_built_in_family():
         assert all(c.out_channels % 8 == 0 for c in convs)
 
 
+def test_widths_that_build_the_same_network_share_one_cost():
+    from kdsearch.trial import cost_key
+
+    def key(width):
+        spec = StudentSpec("separable", (1, 8, 8), 10, {"base_width": 8, "width": width, "depth": 2,
+                                                        "channel_multiple": 8})
+        return cost_key(spec, build_student(spec))
+
+    assert key(1.0) == key(1.2)  # both 8 channels in the stem: one architecture, one latency
+    assert key(1.0) != key(2.0)
+
+
 def mixed_config(**student) -> StudyConfig:
     cfg = StudyConfig()
     return cfg.replace(student=cfg.student.__class__(arch=("convnet", "separable", "resnet"), **student))
@@ -208,7 +220,8 @@ def test_every_family_trains_reports_and_exports(mixed_study):
     for family in ("separable", "resnet"):
         first = min(t.number for t in done if t.user_attrs["family"] == family)
         card = export_matches_student(mixed_study, "digits", first)
-        assert card["family"] == family and card["distillation"]["schedule"] == "warmup-cosine"
+        assert card["family"] == family
+        assert card["distillation"]["schedule"] == {"separable": "cosine", "resnet": "warmup-cosine"}[family]
         assert card["architecture"]["knobs"]["channel_multiple"] == 8
 
 
