@@ -1,0 +1,191 @@
+"""kdsearch against the script a user would write by hand for the same study, end to end, one job at a time.
+
+    python benchmarks/bench_vs_glue.py                                  # digits, 20 trials, seeds 0-4
+    python benchmarks/bench_vs_glue.py --study mnist --data-dir ../shared/data --n-trials 4 --seeds 0 \\
+        --set distill.epochs=8
+
+The hand-written script (`glue` below, run as its own process, as a user would run theirs) is Optuna's
+multi-objective example (the objective returns val_acc, params and latency_ms; `study.best_trials` is the front)
+with `MLflowCallback` for tracking and a torch DataLoader loop that runs the teacher on every batch. It is fair:
+same data split, same student networks (`kdsearch.models.convnet`) and search space, TPE seeded alike, same epochs,
+batch size, optimiser (SGD with Nesterov momentum, cosine decay per step) and KD loss; the teacher is trained once
+(read from a file in the cached arm), latency is timed with torch.utils.benchmark under the same settings.
+Optuna cannot prune a multi-objective study, so the script trains every trial to the end.
+
+Four arms per seed, each a fresh process in an empty folder, timed end to end (imports included): the script and
+`kdsearch run-study`, each with its teacher trained afresh and with it cached. Both fronts' hypervolumes use the
+one definition (`kdsearch.report.hypervolume`) with the kdsearch teacher's parameters and latency as reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str, out: str) -> None:
+    """The hand-written study. Writes the complete trials' (val_acc, params, latency_ms) to `out`."""
+    import optuna
+    import torch
+    import torch.nn.functional as F
+    from optuna.integration.mlflow import MLflowCallback
+    from torch.utils import benchmark
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from kdsearch.config import load_study
+    from kdsearch.data import load_dataset
+    from kdsearch.models import Architecture, build_model, convnet
+
+    cfg = load_study(study_file, overrides)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.data, cfg.seed)
+    mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
+
+    def loader(split, shuffle, batch_size):
+        x = (split.x.float() / 255 - mean) / std
+        return DataLoader(TensorDataset(x, split.y), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle)
+
+    val = loader(data.val, False, 512)
+
+    def fit(model, epochs, lr, batch_size, wd, teacher=None, T=1.0, alpha=0.0):
+        train = loader(data.train, True, batch_size)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        total = epochs * len(train)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+        for _ in range(epochs):
+            model.train()
+            for x, y in train:
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                if teacher is not None and alpha > 0:
+                    with torch.no_grad():
+                        t = teacher(x)
+                    soft = F.kl_div(F.log_softmax(out / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+                    loss = alpha * T * T * soft + (1 - alpha) * loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        model.eval()
+        with torch.no_grad():
+            return sum((model(x).argmax(1) == y).sum().item() for x, y in val) / len(data.val)
+
+    t = cfg.teacher
+    teacher = build_model(Architecture(data.input_shape[0], data.num_classes, t.width, t.depth, t.convs_per_stage),
+                          data.input_shape[1])
+    if os.path.exists(teacher_file):
+        teacher.load_state_dict(torch.load(teacher_file))
+    else:
+        fit(teacher, t.epochs, t.lr, t.batch_size, t.weight_decay)
+        torch.save(teacher.state_dict(), teacher_file)
+    teacher.eval()
+
+    def objective(trial):
+        s, d = cfg.student, cfg.distill
+        width = trial.suggest_float("width", *s.width, log=True)
+        depth = trial.suggest_int("depth", *s.depth)
+        T = trial.suggest_float("temperature", *d.temperature, log=True)
+        alpha = trial.suggest_float("alpha", *d.alpha)
+        lr = trial.suggest_float("lr", *d.lr, log=True)
+        model = convnet(data.input_shape, data.num_classes, base_width=s.base_width, width=width, depth=depth,
+                        convs_per_stage=s.convs_per_stage, channel_multiple=s.channel_multiple)
+        val_acc = fit(model, d.epochs, lr, d.batch_size, d.weight_decay, teacher, T, alpha)
+        x = torch.randn(cfg.latency.batch_size, *data.input_shape)
+        with torch.inference_mode():
+            timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=cfg.latency.threads)
+            latency_ms = timer.blocked_autorange(min_run_time=cfg.latency.min_run_time).median * 1e3
+        return val_acc, sum(p.numel() for p in model.parameters()), latency_ms
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    tracking = MLflowCallback(tracking_uri="sqlite:///mlflow.db", metric_name=["val_acc", "params", "latency_ms"])
+    study.optimize(objective, n_trials=n_trials, callbacks=[tracking])
+    Path(out).write_text(json.dumps([t.values for t in study.trials if t.values]))
+
+
+def timed(command: list[str], folder: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
+    from kdsearch.config import load_study
+    from kdsearch.report import hypervolume
+
+    sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
+    name = load_study(args.study, sets).name
+    result = {}
+    for arm in ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached"):
+        folder = Path(tempfile.mkdtemp(prefix="vs-glue-"))
+        if arm.startswith("glue"):
+            teacher = teachers / f"teacher-{seed}.pt"
+            if arm == "glue fresh" and teacher.exists():
+                teacher.unlink()
+            code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from bench_vs_glue import glue; "
+                    f"glue({args.study!r}, {sets!r}, {args.n_trials}, {str(teacher)!r}, 'front.json')")
+            seconds = timed([sys.executable, "-c", code], folder)
+            points = json.loads((folder / "front.json").read_text())
+        else:
+            cache = folder / "cache" if arm == "kdsearch fresh" else shared_cache
+            cmd = [sys.executable, "-m", "kdsearch", "run-study", args.study, "--n-trials", str(args.n_trials),
+                   "--cache-dir", str(cache), *[a for s in sets for a in ("--set", s)]]
+            seconds = timed(cmd, folder)
+            import optuna
+
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/optuna.db")
+            points = [t.values for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
+            result["teacher"] = study.user_attrs["teacher"]
+        result[arm] = {"seconds": seconds, "points": points}
+    for arm in ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached"):
+        result[arm]["hypervolume"] = hypervolume(result[arm]["points"], result["teacher"])
+    return result
+
+
+def spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4g} +/- {sd:.2g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", default=str(ROOT / "studies" / "digits.toml"))
+    parser.add_argument("--n-trials", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    args.study = str(Path(args.study).resolve()) if Path(args.study).exists() else str(ROOT / "studies" /
+                                                                                        f"{args.study}.toml")
+    args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+    results = []
+    with tempfile.TemporaryDirectory() as teachers, tempfile.TemporaryDirectory() as cache:
+        for seed in args.seeds:
+            results.append(one_seed(args, seed, Path(teachers), Path(cache)))
+            r = results[-1]
+            print(f"seed {seed}: " + ", ".join(f"{arm} {r[arm]['seconds']:.1f} s (hv {r[arm]['hypervolume']:.4f})"
+                                               for arm in r if arm != "teacher"), flush=True)
+    print(f"{args.n_trials} trials a study, seeds {args.seeds}; mean +/- sd over the seeds:")
+    for arm in ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached"):
+        secs = [r[arm]["seconds"] for r in results]
+        print(f"  {arm:>15}: {spread(secs)} s end to end, {statistics.mean(secs) / args.n_trials:.2f} s a trial; "
+              f"hypervolume {spread([r[arm]['hypervolume'] for r in results])}")
+    for kind in ("fresh", "cached"):
+        ratio = statistics.mean(r[f"glue {kind}"]["seconds"] / r[f"kdsearch {kind}"]["seconds"] for r in results)
+        print(f"teacher {kind}: kdsearch {ratio:.2f}x faster end to end than the script")
+
+
+if __name__ == "__main__":
+    main()
