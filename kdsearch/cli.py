@@ -42,6 +42,9 @@ def _seconds(text: str) -> float:
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and still exit status 2)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # `--study x` must not pass for `--study-name x`
+
     def error(self, message: str):
         self.exit(2, f"kdsearch: error: {message} (see {self.prog} --help)\n")
 
@@ -92,8 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def study_name(text: str) -> str:
+    """A study name also names its folders under reports/ and exports/."""
+    if not text or "/" in text or "\\" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot name a study: its report folder is reports/<name>; "
+                                         "use a name without slashes")
+    return text
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study-name", help="Optuna study name (default: the study file's name; report: 'digits')")
+    p.add_argument("--study-name", type=study_name, help="Optuna study name (default: the study file's name; report: 'digits')")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db here)")
     p.add_argument("--reports-dir", default="reports", help="where reports go (default: %(default)s)")

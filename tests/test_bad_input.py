@@ -184,3 +184,11 @@ def test_existing_study_with_other_directions(workdir, capsys):
     code, err = run_cli(capsys, *FAST, "--n-trials", "1", "--set", "search.mode='budget'",
                         "--set", "search.baselines=false")
     assert code == 2 and "exists with other objectives: pass a new --study-name" in err
+
+
+def test_a_study_name_with_a_slash_and_an_abbreviated_option_are_refused(workdir, capsys):
+    code, err = run_cli(capsys, "--study-name", "studies/digits.toml")
+    assert code == 2 and "use a name without slashes" in err and "\n" not in err.strip()
+    code, err = run_cli(capsys, "--study", "digits")  # not taken for --study-name
+    assert code == 2 and "unrecognized arguments: --study" in err
+    assert not (workdir / "optuna.db").exists()
