@@ -104,7 +104,8 @@ def study_name(text: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study-name", type=study_name, help="Optuna study name (default: the study file's name; report: 'digits')")
+    p.add_argument("--study-name", type=study_name,
+                   help="Optuna study name (default: the study file's name; report: 'digits')")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db here)")
     p.add_argument("--reports-dir", default="reports", help="where reports go (default: %(default)s)")

@@ -42,6 +42,11 @@ class AutoBool(str):
     """true or false, or "auto" for the student family's default."""
 
 
+RESERVED_KNOBS = ("arch", "family", "temperature", "alpha", "lr", "seed", "epochs", "batch_size", "channels",
+                  "trial", "params", "latency_ms", "val_acc", "test_acc", "flops", "schedule", "decay_norms",
+                  "label_smoothing")
+
+
 class Knobs(dict):
     """A user builder's knobs: `name = [low, high]` is searched, a list of strings is a choice, a scalar is fixed."""
 
@@ -263,6 +268,9 @@ def _knobs(table: Any, where: str, key: str) -> dict:
         raise KdsearchError(f"{where}: {key} = {table!r}: expected a table [{key}] of knob = value or [low, high]")
     knobs = {}
     for name, value in table.items():
+        if name in RESERVED_KNOBS or "." in name:
+            raise KdsearchError(f"{where}: {key}.{name}: this name is taken by kdsearch's own parameters "
+                                f"({', '.join(RESERVED_KNOBS)}) or has a dot: rename the builder's knob")
         if isinstance(value, list) and len(value) == 2 and all(type(v) in (int, float) for v in value):
             kind = IntRange if all(type(v) is int for v in value) else Range
             knobs[name] = _convert(kind, value, where, f"{key}.{name}")

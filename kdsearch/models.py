@@ -305,7 +305,7 @@ def torchvision_model(name: str, input_shape: tuple[int, int, int], num_classes:
         try:
             with torch.no_grad():
                 teacher.eval()(torch.zeros(2, *input_shape))
-        except RuntimeError:
+        except Exception:  # too small for the model (RuntimeError), or a fixed input size (vision transformers)
             continue
         return teacher.train()
     raise KdsearchError(f"teacher.arch = 'torchvision:{name}' accepts none of the image sizes tried up to 299: pick "

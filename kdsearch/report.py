@@ -206,7 +206,8 @@ def _search_page(study: optuna.Study, df: pd.DataFrame, history: pd.DataFrame | 
             figures.append(_hypervolume_figure(study, history))
         else:
             figures.append(optuna.visualization.plot_optimization_history(study))
-        knobs = [c for c in df.columns if c not in FIXED_COLUMNS and pd.api.types.is_numeric_dtype(df[c])]
+        knobs = [c for c in df.columns if c not in FIXED_COLUMNS and pd.api.types.is_numeric_dtype(df[c])
+                 and df[c].notna().all()]  # a knob of one family is missing from the others' rows
         dims = knobs + ["params", "latency_ms", "val_acc"]
         figures.append(px.parallel_coordinates(df[dims].assign(params=np.log10(df["params"])).rename(
             columns={"params": "log10 params"}), color="val_acc", title="trials: parameters to objectives"))
@@ -301,7 +302,7 @@ def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str):
                                          hoverinfo="text", showlegend=first, legendgroup=family), row=1, col=col)
             stairs = front_2d(df, x)
             fig.add_trace(go.Scatter(x=stairs[x], y=stairs["val_acc"], mode="lines", line={"shape": "hv",
-                                     "color": "crimson"}, name="front", showlegend=False, hoverinfo="skip"),
+                                     "color": "dimgrey"}, name="front", showlegend=False, hoverinfo="skip"),
                           row=1, col=col)
         if teacher:
             fig.add_trace(go.Scatter(x=[teacher[x]], y=[teacher["val_acc"]], mode="markers+text", text=["teacher"],
@@ -332,7 +333,7 @@ def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: 
             ax.scatter(dominated[x], dominated["val_acc"], color="grey", alpha=0.35, label="dominated")
             for family, colour, rows in _by_family(front):
                 ax.scatter(rows[x], rows["val_acc"], color=colour, label=f"Pareto-optimal {family}", zorder=3)
-            ax.step(stairs[x], stairs["val_acc"], where="post", color="crimson")
+            ax.step(stairs[x], stairs["val_acc"], where="post", color="dimgrey")
         if teacher:
             ax.scatter([teacher[x]], [teacher["val_acc"]], marker="*", s=200, color="black", label="teacher")
         if log:

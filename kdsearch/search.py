@@ -20,14 +20,15 @@ import torch
 from mlflow import MlflowClient
 
 from kdsearch import KdsearchError, __version__, tracking
-from kdsearch.config import StudyConfig
+from kdsearch.config import StudyConfig, families
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
 from kdsearch.measure import measure_latency, warm_up
-from kdsearch.models import Architecture, build_model
+from kdsearch.models import Architecture, build_model, build_student
 from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_attrs, stale_trial_callback
-from kdsearch.study import open_study
+from kdsearch.students import middle_knobs, student_spec
+from kdsearch.study import as_it_was_made, open_study
 from kdsearch.teacher import Teacher, get_teacher
 from kdsearch.trial import StudyContext, objective
 
@@ -49,12 +50,15 @@ def resolve_device(name: str | None) -> torch.device:
         raise KdsearchError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
 
 
-def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name: str, storage: str
+def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name: str, study_attrs: dict
             ) -> tuple[Dataset, Teacher, Normalizer]:
     """Data on the device and the teacher with its cached logits: checked before any study is created (and, for
-    a study that exists, the data checked against it before any teacher is trained)."""
+    a study that exists, the data checked against it before any teacher is trained), as is every student family:
+    a builder that does not import or build fails here, not in each trial."""
     data = load_dataset(cfg.data, cfg.seed)
-    require_same_data(peek_study_attrs(storage, study_name), data, cfg, study_name)
+    require_same_data(study_attrs, data, cfg, study_name)
+    for family in families(cfg.student):
+        build_student(student_spec(family, middle_knobs(cfg, family), data.input_shape, data.num_classes))
     data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
     teacher = get_teacher(cfg, data, device, cache_dir)  # its own .to(device) calls are no-ops now
     return data, teacher, Normalizer(data.mean, data.std, device)
@@ -180,7 +184,9 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     require_visible_cuda(latency_device, f"latency.device = {latency_device!r}", "set latency.device = 'cpu'")
     configure_device(dev, cfg.engine.threads)
     started = time.time()
-    data, teacher, normalize = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, storage)
+    made = peek_study_attrs(storage, study_name or cfg.name)
+    cfg = as_it_was_made(cfg, made.get("config"))
+    data, teacher, normalize = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, made)
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
     tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=8, depth=1), data.input_shape[1])

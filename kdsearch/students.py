@@ -96,6 +96,18 @@ def family_params(cfg: StudyConfig, family: str) -> list[str]:
     return names + list(SHARED)
 
 
+def translated_params(cfg: StudyConfig, params: dict, family: str) -> dict:
+    """An earlier study's trial of `family` named as this study names it: plain knob names where this study has
+    one family, `arch` and `<family>.<knob>` where it has several (a warm start between the two kinds)."""
+    names = families(cfg.student)
+    out = {"arch": family} if len(names) > 1 else {}
+    for name, value in params.items():
+        if name != "arch":
+            knob = name.split(".", 1)[1] if name.startswith(f"{family}.") else name
+            out[knob if knob in SHARED else param_name(cfg, family, knob)] = value
+    return out
+
+
 def params_in_space(cfg: StudyConfig, params: dict) -> bool:
     """Whether a trial's parameters (e.g. an earlier study's) are exactly those of a family of this study, each
     within this study's range."""
@@ -109,19 +121,26 @@ def params_in_space(cfg: StudyConfig, params: dict) -> bool:
 
 
 def middle_params(cfg: StudyConfig, family: str) -> dict:
-    """A mid-sized student of `family` (the baselines): width 1 where the range holds it, else the geometric
-    middle; the middle integer; the first choice."""
+    """A mid-sized student of `family` (the baselines): the convnet's width 1 where the range holds it (as before
+    there were families), else the geometric middle (the middle for a range from 0); the middle integer; the
+    first choice."""
     params: dict = {"arch": family} if len(families(cfg.student)) > 1 else {}
     for knob, space in searched(knob_space(cfg.student, family)).items():
         if isinstance(space, IntRange):
             value = round(sum(space) / 2)
         elif isinstance(space, Range):
-            value = (min(max(1.0, space[0]), space[1]) if knob == "width"
+            value = (min(max(1.0, space[0]), space[1]) if knob == "width" and family == "convnet"
                      else sum(space) / 2 if space[0] <= 0 else math.sqrt(space[0] * space[1]))
         else:
             value = space[0]
         params[param_name(cfg, family, knob)] = value
     return params
+
+
+def middle_knobs(cfg: StudyConfig, family: str) -> dict:
+    """The knobs (fixed ones included) of `family`'s mid-sized student."""
+    params = {**middle_params(cfg, family), "temperature": 1.0, "alpha": 0.0, "lr": 0.1}
+    return sample_student(optuna.trial.FixedTrial(params), cfg)[1]
 
 
 def training_settings(cfg: StudyConfig, family: str) -> dict:

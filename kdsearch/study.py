@@ -7,6 +7,7 @@ one process replays the same study for the same seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -18,7 +19,7 @@ from kdsearch import KdsearchError, first_line
 from kdsearch.config import StudyConfig, families
 from kdsearch.pruning import study_pruner
 from kdsearch.storage import open_storage
-from kdsearch.students import middle_params, params_in_space
+from kdsearch.students import middle_params, params_in_space, translated_params
 
 DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
 METRIC_NAMES = {"pareto": ["val_acc", "params", "latency_ms"], "budget": ["val_acc"]}
@@ -36,10 +37,13 @@ def trial_seed(study_seed: int, number: int) -> int:
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-def _sampler_of(name: str) -> Callable[[int], optuna.samplers.BaseSampler]:
+def _sampler_of(name: str, conditional: bool = False) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """`conditional`: the study searches several student families, each trial holding its own family's knobs; TPE
+    then models each group of parameters that occur together (`group=True`), where otherwise it would model only
+    the knobs every trial shares and sample the families' own at random."""
     def make(seed: int) -> optuna.samplers.BaseSampler:
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=conditional)
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if name == "gp":
@@ -76,7 +80,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 def make_sampler(cfg: StudyConfig) -> TrialSeededSampler:
     """The study file's sampler. The limits reach it as constraints that each trial sets (`trial.set_constraint`)."""
-    return TrialSeededSampler(_sampler_of(cfg.search.sampler), cfg.seed)
+    conditional = len(families(cfg.student)) > 1
+    return TrialSeededSampler(_sampler_of(cfg.search.sampler, conditional), cfg.seed)
 
 
 def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages.BaseStorage,
@@ -131,8 +136,9 @@ def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study, 
     for t in earlier.best_trials:
         if skip_baselines and "baseline" in t.user_attrs:
             continue
-        if params_in_space(cfg, t.params):
-            study.enqueue_trial(t.params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})
+        params = translated_params(cfg, t.params, t.user_attrs.get("family", t.params.get("arch", "convnet")))
+        if params_in_space(cfg, params):
+            study.enqueue_trial(params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})
             taken.append(t.number)
         else:
             outside.append(t.number)
@@ -159,6 +165,15 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
                                         user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed,
                                                     "baseline_family": family})
                 pair += 1
+
+
+def as_it_was_made(cfg: StudyConfig, stored: dict | None) -> StudyConfig:
+    """The study file's config for a study made by an earlier kdsearch: keys added since that the file leaves at
+    their defaults take the values that keep the study's earlier behaviour (channel counts were not rounded)."""
+    student = (stored or {}).get("student")
+    if student and "channel_multiple" not in student and cfg.student.channel_multiple == 8:
+        return cfg.replace(student=dataclasses.replace(cfg.student, channel_multiple=1))
+    return cfg
 
 
 def _older_defaults_filled(stored: dict) -> dict:

@@ -26,6 +26,7 @@ from kdsearch.models import (
     FAMILY_VERSION,
     Architecture,
     ExportedModule,
+    TorchvisionTeacher,
     build_model,
     load_checkpoint,
     torchvision_model,
@@ -173,13 +174,25 @@ def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
     if model is None:
         model = build_teacher(cfg, data)
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(model, TorchvisionTeacher) and not any(k.startswith("model.") for k in state):
+                model = _torchvision_state(model, state)  # the torchvision model's own state_dict
+            else:
+                model.load_state_dict(state)
         except Exception as e:
             raise KdsearchError(
                 f"teacher checkpoint {path} is neither a torch.export program (.pt2), TorchScript nor a state_dict "
                 f"of the [teacher] architecture ({first_line(e)}): check teacher.arch/width/depth/convs_per_stage"
             ) from None
     _check_output(model, data, path)
+    return model
+
+
+def _torchvision_state(model: TorchvisionTeacher, state: dict) -> TorchvisionTeacher:
+    model.model.load_state_dict(state)
+    if model.to_rgb is not None:
+        raise KdsearchError("a torchvision state_dict has no weights for the layer that maps this data's channels "
+                            "to 3: save the whole kdsearch teacher's state_dict instead")
     return model
 
 

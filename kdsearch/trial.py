@@ -16,13 +16,13 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
-from kdsearch import tracking
+from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, correct, train
 from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
-from kdsearch.models import StudentSpec, build_student, channels_of
+from kdsearch.models import FAMILIES, StudentSpec, build_student, channels_of
 from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
 from kdsearch.storage import worker_identity
 from kdsearch.students import sample_student, student_spec, training_settings
@@ -55,13 +55,17 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     seed = trial.user_attrs.get("seed", trial_seed(cfg.seed, trial.number))  # a baseline pair shares one seed
     torch.manual_seed(seed)
     spec = student_spec(family, knobs, data.input_shape, data.num_classes)
-    model = build_student(spec)
+    try:
+        model = build_student(spec)
+    except KdsearchError as e:  # before the trial's run exists: the reason goes on the trial
+        trial.set_user_attr("fail_reason", str(e))
+        raise
     key = cost_key(spec, model)
     with timer("measure"):
         cost = study_cost(ctx, trial.study, key, model)
         latency = cost.pop("latency")
-    for key in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
-        trial.set_user_attr(key, cost[key])
+    for name in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
+        trial.set_user_attr(name, cost[name])
     trial.set_user_attr("family", family)
     trial.set_user_attr("channels", channels_of(model))
     for name, value in limit_violations(cost, cfg.search).items():
@@ -127,9 +131,13 @@ def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: Stud
 
 
 def cost_key(spec: StudentSpec, model: torch.nn.Module) -> str:
-    """The architecture actually built: its family, the data's shape and a digest of its layers. Knob values that
-    build the same network (two width multipliers rounded to the same channel counts) share one key."""
-    layers = hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+    """The architecture actually built: its family, the data's shape and a digest of its layers and tensor shapes
+    (and, for a user builder, of its knobs too: they may act in ways neither shows). Knob values that build the same
+    network (two width multipliers rounded to the same channel counts) share one key."""
+    shapes = [(name, list(t.shape)) for name, t in model.state_dict().items()]
+    knobs = spec.knobs if spec.family not in FAMILIES else {}
+    text = json.dumps([repr(model), shapes, knobs], sort_keys=True, default=str)
+    layers = hashlib.sha256(text.encode()).hexdigest()[:16]
     arch = {"family": spec.family, "input_shape": list(spec.input_shape), "num_classes": spec.num_classes,
             "layers": layers}
     return "cost:" + json.dumps(arch, sort_keys=True, separators=(",", ":"))

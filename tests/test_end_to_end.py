@@ -148,6 +148,10 @@ def test_a_stored_latency_is_used_not_measured_again(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setattr(kdsearch.trial, "measure_cost", lambda *a: pytest.fail("measured again"))
+        settled_keys = []
+        settled = kdsearch.trial.settled_latency
+        mp.setattr(kdsearch.trial, "settled_latency", lambda study, key, ms: settled_keys.append(key) or
+                   settled(study, key, ms))
         from kdsearch.config import load_study
         from kdsearch.models import StudentSpec, build_student
         from kdsearch.study import open_study
@@ -160,8 +164,9 @@ def test_a_stored_latency_is_used_not_measured_again(tmp_path_factory):
                   "latency": {"device": "cpu"}}
         study.set_user_attr(cost_key(baseline, build_student(baseline)), stored)
         assert main(["run-study", *args]) == 0
-    trial = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db").trials[0]
-    assert trial.values[1:] == [1234, 0.5]
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder}/optuna.db")
+    assert study.trials[0].values[1:] == [1234, 0.5]
+    assert settled_keys and all(key in study.user_attrs for key in settled_keys)  # read back at the end
 
 
 def test_resume_with_another_study_file_is_refused(first_study, monkeypatch, capsys):

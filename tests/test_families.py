@@ -93,6 +93,39 @@ def test_widths_that_build_the_same_network_share_one_cost():
     assert key(1.0) != key(2.0)
 
 
+def test_a_user_builders_knobs_and_tensor_shapes_are_part_of_its_cost_key():
+    from kdsearch.trial import cost_key
+
+    def key(**knobs):
+        spec = StudentSpec("own_students:raw_parameters", (1, 8, 8), 10, knobs)
+        return cost_key(spec, build_student(spec))
+
+    assert key(hidden=4) != key(hidden=64)  # its repr is the same for both
+    assert key(hidden=4, passes=1) != key(hidden=4, passes=3)  # a knob only its forward uses
+
+
+def test_a_study_made_before_channel_rounding_resumes_as_it_was_made():
+    from kdsearch.study import _comparable, _older_defaults_filled, as_it_was_made
+
+    cfg = StudyConfig()
+    stored = _comparable(cfg.replace(student=cfg.student.__class__(channel_multiple=1)))
+    del stored["student"]["channel_multiple"]
+    for k in ("separable", "resnet", "custom"):
+        del stored["student"][k]
+    resumed = as_it_was_made(cfg, stored)
+    assert resumed.student.channel_multiple == 1 and _older_defaults_filled(stored) == _comparable(resumed)
+    assert as_it_was_made(cfg, _comparable(cfg)).student.channel_multiple == 8  # a study made now keeps 8
+
+
+def test_a_builder_that_does_not_import_stops_the_session_before_the_teacher(workdir, capsys):
+    from kdsearch.cli import main
+
+    assert main(["run-study", *fast(), "--set", "student.arch='nomod.nets:tiny'"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import nomod.nets" in err and "\n" not in err.strip()
+    assert not (workdir / "optuna.db").exists() and not (workdir / ".kdsearch-cache").exists()
+
+
 def mixed_config(**student) -> StudyConfig:
     cfg = StudyConfig()
     return cfg.replace(student=cfg.student.__class__(arch=("convnet", "separable", "resnet"), **student))
@@ -127,6 +160,19 @@ def test_warm_start_accepts_only_a_familys_own_knobs_within_range():
     assert not params_in_space(cfg, {**good, "resnet.blocks": 9})  # outside the range
 
 
+def test_warm_start_names_knobs_as_the_new_study_does():
+    from kdsearch.students import translated_params
+
+    single, mixed = StudyConfig(), mixed_config()
+    plain = {"width": 1.0, "depth": 2, "temperature": 4.0, "alpha": 0.5, "lr": 0.05}
+    named = translated_params(mixed, plain, "convnet")
+    assert named == {"arch": "convnet", "convnet.width": 1.0, "convnet.depth": 2, "temperature": 4.0,
+                     "alpha": 0.5, "lr": 0.05} and params_in_space(mixed, named)
+    assert translated_params(single, named, "convnet") == plain
+    resnet = {"arch": "resnet", "resnet.width": 0.5, "resnet.blocks": 2, "temperature": 4.0, "alpha": 0.5, "lr": 0.05}
+    assert not params_in_space(single, translated_params(single, resnet, "resnet"))  # not a family of this study
+
+
 def test_study_file_errors_name_the_key(tmp_path):
     path = tmp_path / "s.toml"
     for text, expected in [
@@ -136,6 +182,8 @@ def test_study_file_errors_name_the_key(tmp_path):
         ('[teacher]\narch = "resnet18"', "teacher.arch = 'resnet18' is unknown"),
         ('[distill]\nlabel_smoothing = 1.5', "distill.label_smoothing"),
         ('[student]\narch = "own_students:tiny_mlp"\n[student.custom]\nhidden = {a = 1}', "student.custom.hidden"),
+        ('[student]\narch = "own_students:tiny_mlp"\n[student.custom]\nlr = [0.1, 0.2]',
+         "student.custom.lr: this name is taken"),
     ]:
         path.write_text(text)
         with pytest.raises(KdsearchError, match=expected.replace("[", r"\[").replace("]", r"\]")):
