@@ -2,8 +2,9 @@
 
 With one family (or a user builder) the knobs keep their own names (`width`, `depth`, ...), as before there were
 families. With several, the family is a categorical parameter `arch` and each family's knobs are named
-`<family>.<knob>`: a trial holds its own family's knobs only, a conditional space that TPE, NSGA-II, random and GP
-sampling all handle (the last two sample knobs outside their common space independently).
+`<family>.<knob>`: a trial holds its own family's knobs only, a conditional space that every sampler handles. TPE
+models each family's knobs (`group=True`); NSGA-II and GP evolve or model only the knobs every trial shares (the
+family, T, alpha, lr) and sample each family's own knobs at random; random sampling is random throughout.
 """
 
 from __future__ import annotations
