@@ -139,7 +139,7 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
             seconds = timed([sys.executable, "-c", code], folder)
             points = json.loads((folder / "front.json").read_text())
         else:
-            cache = folder / "cache" if arm == "kdsearch fresh" else shared_cache
+            cache = shared_cache  # the teacher's key holds the seed: the fresh arm trains it, the cached one reads it
             cmd = [sys.executable, "-m", "kdsearch", "run-study", args.study, "--n-trials", str(args.n_trials),
                    "--cache-dir", str(cache), *[a for s in sets for a in ("--set", s)]]
             seconds = timed(cmd, folder)
