@@ -123,7 +123,7 @@ class DistillConfig:
     epochs: int = 10
     batch_size: int = 64
     weight_decay: float = 5e-4
-    # "auto" takes the student family's default (see models.TRAINING_DEFAULTS)
+    # "auto" takes the student family's default (see students.TRAINING_DEFAULTS)
     schedule: str = "auto"  # cosine, or warmup-cosine (a linear warm-up over the first epoch, then cosine)
     decay_norms: AutoBool = AutoBool("auto")  # weight decay on BatchNorm and bias parameters too, or weights only
     label_smoothing: AutoFloat = AutoFloat("auto")  # of the hard-label term, in [0, 1)
