@@ -6,7 +6,7 @@
     python benchmarks/bench_pruning.py --study mnist --set data.data_dir='../shared/data' --set distill.epochs=8
 
 Prints, per seed and pruner, the study's wall time (teacher cached beforehand), its pruned trials, the hypervolume of
-its final front (the report's one definition, `kdsearch.report.hypervolume`) and the seconds from its first trial
+its final front (the report's one definition, `kdsearch.figures.hypervolume`) and the seconds from its first trial
 until it reached the final hypervolume of the unpruned study of the same seed ("-" if it never did); then the
 means, and each pruner's time against the unpruned study's. Same sampler seed in every arm, so the studies sample
 the same first trials and differ only once pruning changes what the sampler has seen.
@@ -19,7 +19,7 @@ import statistics
 
 from common import study_config, timed_study
 
-from kdsearch.report import hypervolume_history, study_hypervolume
+from kdsearch.figures import hypervolume_history, study_hypervolume
 
 
 def seconds_to_reach(study, target: float) -> float | None:

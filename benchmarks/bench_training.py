@@ -17,7 +17,6 @@ import statistics
 import time
 from pathlib import Path
 
-import optuna
 import torch
 from common import CACHE, study_config
 
@@ -25,7 +24,7 @@ from kdsearch.data import load_dataset
 from kdsearch.distill import Normalizer, TrainSettings, train
 from kdsearch.engine import configure_cpu, prepare_model
 from kdsearch.models import build_student
-from kdsearch.students import TRAINING_DEFAULTS, middle_params, sample_student, student_spec
+from kdsearch.students import TRAINING_DEFAULTS, middle_knobs, student_spec
 from kdsearch.teacher import get_teacher
 
 OTHER = {"schedule": {"cosine": "warmup-cosine", "warmup-cosine": "cosine"},
@@ -35,13 +34,12 @@ OTHER = {"schedule": {"cosine": "warmup-cosine", "warmup-cosine": "cosine"},
 def val_acc(cfg, data, teacher, normalize, family: str, training: dict, seed: int) -> float:
     one = cfg.replace(student=dataclasses.replace(cfg.student, arch=family))
     d = cfg.distill
-    params = {**middle_params(one, family), "temperature": 4.0, "alpha": 0.5, "lr": math.sqrt(d.lr[0] * d.lr[1])}
-    family, knobs, hp = sample_student(optuna.trial.FixedTrial(params), one)
+    knobs = middle_knobs(one, family)
     torch.manual_seed(seed)
     model = prepare_model(build_student(student_spec(family, knobs, data.input_shape, data.num_classes)),
                           torch.device("cpu"))
-    settings = TrainSettings(epochs=d.epochs, lr=hp["lr"], batch_size=d.batch_size, weight_decay=d.weight_decay,
-                             temperature=4.0, alpha=0.5, seed=seed, **training)
+    settings = TrainSettings(epochs=d.epochs, lr=math.sqrt(d.lr[0] * d.lr[1]), batch_size=d.batch_size,
+                             weight_decay=d.weight_decay, temperature=4.0, alpha=0.5, seed=seed, **training)
     return train(model, data.train, data.val, normalize, settings, teacher.train_logits)
 
 

@@ -14,7 +14,7 @@ Optuna cannot prune a multi-objective study, so the script trains every trial to
 
 Four arms per seed, each a fresh process in an empty folder, timed end to end (imports included): the script and
 `kdsearch run-study`, each with its teacher trained afresh and with it cached. Both fronts' hypervolumes use the
-one definition (`kdsearch.report.hypervolume`) with the kdsearch teacher's parameters and latency as reference.
+one definition (`kdsearch.figures.hypervolume`) with the kdsearch teacher's parameters and latency as reference.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def timed(command: list[str], folder: Path) -> float:
 
 def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
     from kdsearch.config import load_study
-    from kdsearch.report import hypervolume
+    from kdsearch.figures import hypervolume
 
     sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
     name = load_study(args.study, sets).name

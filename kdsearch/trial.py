@@ -172,7 +172,7 @@ def _stored_cost(study: optuna.Study, key: str) -> dict | None:
 
 def bits_of(flags: list) -> str:
     """Which images a model got right, as a hex string of bits (12,000 images: 3,000 characters); a leading 1 bit
-    keeps leading zeros (read back with `report.paired_se`)."""
+    keeps leading zeros (read back with `figures.paired_se`)."""
     return format(int("1" + "".join("1" if f else "0" for f in flags), 2), "x")
 
 

@@ -237,9 +237,12 @@ def test_a_student_saved_before_families_loads_as_a_convnet():
     from kdsearch.export import _convnet_spec
     from kdsearch.models import Architecture, build_model
 
-    old = build_model(Architecture(1, 10, 6, 2), 8)  # 6 channels: saved before channel counts were rounded
+    old = build_model(Architecture(1, 10, 6, 2), 8).eval()  # 6 channels: saved before channel counts were rounded
     spec = _convnet_spec({"arch": Architecture(1, 10, 6, 2).to_dict(), "image_size": 8})
-    build_student(spec).load_state_dict(old.state_dict())
+    new = build_student(spec).eval()
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(3, 1, 8, 8)
+    assert spec.family == "convnet" and torch.equal(new(x), old(x))
 
 
 @pytest.fixture(scope="module")

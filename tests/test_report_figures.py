@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from kdsearch.report import hypervolume, hypervolume_reference, kd_gain, paired_se, study_hypervolume
+from kdsearch.figures import hypervolume, hypervolume_reference, kd_gain, paired_se, study_hypervolume
 from kdsearch.trial import bits_of
 
 TEACHER = {"params": 1000, "latency_ms": 2.0}
