@@ -162,6 +162,7 @@ class LatencyConfig:
 class EngineConfig:
     threads: int = 0  # CPU threads for training; 0: every core this process may use
     compile: bool = False  # torch.compile the student (made CPU epochs slower here, and costs ~30 s a trial)
+    parallel_trials: int = 0  # trials trained at once in forked processes on a CPU; 0: one per core (at most 8)
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,7 @@ def check_values(c: StudyConfig, where: str) -> None:
     for key, value in {"teacher.epochs": c.teacher.epochs, "search.timeout": c.search.timeout,
                        "teacher.weight_decay": c.teacher.weight_decay,
                        "distill.weight_decay": c.distill.weight_decay, "engine.threads": c.engine.threads,
-                       "search.max_params": c.search.max_params, "search.max_latency_ms": c.search.max_latency_ms,
+                       "engine.parallel_trials": c.engine.parallel_trials, "search.max_params": c.search.max_params, "search.max_latency_ms": c.search.max_latency_ms,
                        "search.prune_margin": c.search.prune_margin, "data.memory_gb": c.data.memory_gb}.items():
         if value < 0:
             raise KdsearchError(f"{where}: {key} = {value} must not be negative")

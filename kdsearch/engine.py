@@ -85,6 +85,12 @@ class PhaseTimer:
             if self._stack:
                 self._stack[-1][2] += total
 
+    def add(self, name: str, seconds: float) -> None:
+        """Seconds of phase `name` measured elsewhere (in another process), nested in the current phase."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        if self._stack:
+            self._stack[-1][2] += seconds
+
 
 def no_timer(name: str):
     return contextlib.nullcontext()

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import math
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_at
 from kdsearch.students import middle_knobs, student_spec
 from kdsearch.study import as_it_was_made, open_study
 from kdsearch.teacher import Teacher, get_teacher
+from kdsearch.trainer_pool import processes_for, trainer_pool
 from kdsearch.trial import StudyContext, objective
 
 COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState[s] for s in ("COMPLETE", "RUNNING", "WAITING"))
@@ -131,9 +133,13 @@ def params_line(params: dict) -> str:
 
 def print_progress(target: int, started: float, complete_only: bool = False):
     """An Optuna callback printing one line per finished trial."""
+    lock = threading.Lock()  # trials may end in several threads (see `run_trials`)
+
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        callback.mine += 1
-        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, callback.mine)} "
+        with lock:
+            callback.mine += 1
+            mine = callback.mine
+        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, mine)} "
                 f"{params_line(trial.params)}")
         a = trial.user_attrs
         cost = f"params {a['params']:,} latency {a['latency_ms']:.3f} ms" if "params" in a else ""
@@ -212,6 +218,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     the study holds `until_complete` complete ones), then write and log the report."""
     from kdsearch.report import report_study
 
+    processes, threads = processes_for(cfg, resolve_device(device), 1 if until_complete else cfg.search.n_trials)
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
                            cache_dir=cache_dir, warm_start_from=warm_start_from)
     study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
@@ -224,12 +231,11 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "
           f"on {session.device}", flush=True)
     try:
-        with long_lived_objects_frozen():
+        with long_lived_objects_frozen(), trainer_pool(session.ctx, processes, threads):
             if until_complete:
                 run_until_complete(session, until_complete, callbacks, failures)
             else:
-                study.optimize(lambda trial: objective(session.ctx, trial), n_trials=cfg.search.n_trials,
-                               timeout=cfg.search.timeout or None, catch=(Exception,), callbacks=callbacks)
+                run_trials(session, processes, callbacks, failures)
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise
@@ -241,6 +247,68 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
         client.set_terminated(run_id, "FINISHED")
         report_study(study, Path(reports_dir), client)
     return study
+
+
+def run_trials(session: Session, at_once: int, callbacks: list, failures) -> None:
+    """`search.n_trials` trials, `at_once` at a time (each thread runs its own trials, one after the other), until
+    `search.timeout` or `failures` stops them."""
+    study, cfg = session.study, session.ctx.cfg
+    if at_once == 1:
+        study.optimize(lambda trial: objective(session.ctx, trial), n_trials=cfg.search.n_trials,
+                       timeout=cfg.search.timeout or None, catch=(Exception,), callbacks=callbacks)
+        return
+    deadline = time.time() + cfg.search.timeout if cfg.search.timeout else math.inf
+    lock, left, interrupted, errors = threading.Lock(), [cfg.search.n_trials], threading.Event(), []
+
+    def take() -> bool:
+        with lock:
+            if left[0] <= 0 or failures.reason or time.time() >= deadline or interrupted.is_set():
+                return False
+            left[0] -= 1
+            return True
+
+    def work() -> None:
+        try:
+            while take():
+                study.optimize(lambda trial: objective(session.ctx, trial), n_trials=1, catch=(Exception,),
+                               callbacks=callbacks)
+        except KeyboardInterrupt:  # Ctrl-C: the main thread handles it
+            pass
+        except Exception as e:  # noqa: BLE001 - raised again in the main thread
+            errors.append(e)
+            interrupted.set()
+
+    threads = [threading.Thread(target=work, name=f"kdsearch-trials-{i}", daemon=True) for i in range(at_once)]
+    with one_ask_at_a_time(study):
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:  # the pool has stopped its processes: the threads end their trials as interrupted
+            interrupted.set()
+            for thread in threads:
+                thread.join(timeout=60)
+            raise
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def one_ask_at_a_time(study: optuna.Study):
+    """Serialise `study.ask` between this process's threads: on SQLite two threads could both take the same
+    enqueued (WAITING) trial, as its row lock is a no-op there, and train it twice."""
+    ask, lock = study.ask, threading.Lock()
+
+    def locked_ask(*args, **kwargs):
+        with lock:
+            return ask(*args, **kwargs)
+
+    study.ask = locked_ask
+    try:
+        yield
+    finally:
+        del study.ask
 
 
 @contextlib.contextmanager

@@ -14,12 +14,17 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 GATE = Path(tempfile.gettempdir()) / "kdsearch-latency-gate.lock"
 ROOM = Path(tempfile.gettempdir()) / "kdsearch-latency.lock"
-_timing = [0]  # how deep this process is inside `timing_alone`
-_in_epoch = [False]
+_state = threading.local()  # per thread: a thread that trains must wait for another thread's timing
+_state.timing, _state.in_epoch = 0, False  # how deep inside `timing_alone`; whether inside `training_epoch`
+
+
+def _get(name: str):
+    return getattr(_state, name, 0)
 
 
 def _open(path: Path) -> int:
@@ -53,34 +58,34 @@ def _locked(path: Path, mode: int):
 def timing_alone():
     """Hold while timing a latency: waits for other timings and for epochs under way; re-entrant. Never time
     inside a training epoch of the same process (it would wait for itself)."""
-    if _in_epoch[0]:
+    if _get("in_epoch"):
         raise RuntimeError("a latency timing inside a training epoch would wait for that epoch")
-    if _timing[0]:
-        _timing[0] += 1
+    if _get("timing"):
+        _state.timing += 1
         try:
             yield
         finally:
-            _timing[0] -= 1
+            _state.timing -= 1
         return
     with _locked(GATE, fcntl.LOCK_EX), _locked(ROOM, fcntl.LOCK_EX):
-        _timing[0] = 1
+        _state.timing = 1
         try:
             yield
         finally:
-            _timing[0] = 0
+            _state.timing = 0
 
 
 @contextlib.contextmanager
 def training_epoch():
     """Hold while a training epoch runs: waits only while a timing is under way or about to start."""
-    if _timing[0]:  # this process is timing; nothing of its own to wait for
+    if _get("timing"):  # this thread is timing; nothing of its own to wait for
         yield
         return
     with _locked(GATE, fcntl.LOCK_SH):
         pass
     with _locked(ROOM, fcntl.LOCK_SH):
-        _in_epoch[0] = True
+        _state.in_epoch = True
         try:
             yield
         finally:
-            _in_epoch[0] = False
+            _state.in_epoch = False

@@ -64,6 +64,28 @@ def log_values(client: MlflowClient, run_id: str, params: dict | None = None, me
     )
 
 
+class MetricBuffer:
+    """A run's per-epoch metrics, written at most once every `every_s` seconds and on `flush`: a digits epoch takes
+    about 30 ms and each write to MLflow's SQLite store about 10 ms. Each value keeps its own step and time."""
+
+    def __init__(self, client: MlflowClient, run_id: str, every_s: float = 1.0):
+        self.client, self.run_id, self.every_s = client, run_id, every_s
+        self.pending: list[Metric] = []
+        self.written = 0.0  # the first epoch is written at once
+
+    def add(self, metrics: dict, step: int) -> None:
+        now = _now_ms()
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.time() - self.written >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+        self.written = time.time()
+
+
 def log_json(client: MlflowClient, run_id: str, name: str, value: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
-from kdsearch.distill import Normalizer, TrainSettings, correct, train
+from kdsearch.distill import Normalizer, TrainSettings, correct
 from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
 from kdsearch.models import FAMILIES, StudentSpec, build_student, channels_of
@@ -29,6 +29,7 @@ from kdsearch.students import sample_student, student_spec, training_settings
 from kdsearch.study import trial_seed
 from kdsearch.teacher import Teacher
 from kdsearch.timing_lock import timing_alone, training_epoch
+from kdsearch.trainer_pool import TrainerPool, Workload, train_locally
 
 
 @dataclass
@@ -43,6 +44,7 @@ class StudyContext:
     experiment_id: str
     study_run_id: str
     costs: dict = field(default_factory=dict)  # this process's copy of the study's costs (see `study_cost`)
+    pool: TrainerPool | None = None  # processes that train the students (see `trainer_pool`), or none
 
 
 def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
@@ -186,24 +188,24 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
                              alpha=hp["alpha"], seed=seed, augment=cfg.data.augment, schedule=hp["schedule"],
                              decay_norms=hp["decay_norms"], label_smoothing=hp["label_smoothing"])
     prepare_model(model, ctx.data.train.y.device)
-    trainable = torch.compile(model) if cfg.engine.compile else model
-
     history: list[float] = []
+    epochs = tracking.MetricBuffer(ctx.client, run_id)
 
     def log_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
         with timer("tracking"):
-            tracking.log_values(ctx.client, run_id, metrics={"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
+            epochs.add({"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
             history.append(val_acc)
         if epoch < cfg.distill.epochs:  # after the last epoch the result is known: completing it costs nothing
             pruner.after_epoch(trial, epoch, val_acc)
 
-    teacher = ctx.teacher.targets(cfg.data.augment)
     try:
-        return train(trainable, ctx.data.train, ctx.data.val, ctx.normalize, settings, teacher, log_epoch, timer,
-                     training_epoch)
+        if ctx.pool is not None:
+            return ctx.pool.train(ctx, model, settings, log_epoch, timer)
+        return train_locally(Workload.of(ctx), model, settings, log_epoch, timer)
     finally:  # once, however training ends: the pruner reads it from finished trials only (MLflow has each epoch)
-        if history:
-            with timer("tracking"):
+        with timer("tracking"):
+            epochs.flush()
+            if history:
                 trial.set_user_attr("val_acc_history", history)
 
 

@@ -5,15 +5,16 @@ import torch
 from helpers import fast
 from mlflow import MlflowClient
 
-import kdsearch.trial
+import kdsearch.trainer_pool
 from kdsearch.cli import main
 
 FAST = fast()
+IN_PROCESS = [*FAST, "--set", "engine.parallel_trials=1"]  # for the tests that patch `train` in this process
 State = optuna.trial.TrialState
 
 
 def failing_train(fail_on: set[int], exc: BaseException):
-    real = kdsearch.trial.train
+    real = kdsearch.trainer_pool.train
     calls = {"n": 0}
 
     def train(*args, **kwargs):
@@ -36,8 +37,8 @@ def load(folder):
 
 
 def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir, monkeypatch):
-    monkeypatch.setattr(kdsearch.trial, "train", failing_train({2}, RuntimeError("boom")))
-    assert main(["run-study", "--n-trials", "3", *FAST]) == 0
+    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({2}, RuntimeError("boom")))
+    assert main(["run-study", "--n-trials", "3", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE]
     assert study.trials[1].user_attrs["fail_reason"] == "RuntimeError: boom"
@@ -48,17 +49,17 @@ def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir
 
 
 def test_the_same_failure_every_time_stops_the_study(workdir, monkeypatch, capsys):
-    monkeypatch.setattr(kdsearch.trial, "train", failing_train(set(range(1, 10)), ValueError("bad lr")))
-    assert main(["run-study", "--n-trials", "6", *FAST]) == 2
+    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train(set(range(1, 10)), ValueError("bad lr")))
+    assert main(["run-study", "--n-trials", "6", *IN_PROCESS]) == 2
     err = capsys.readouterr().err
     assert "the last trials all failed with 'ValueError: bad lr'" in err
     assert [t.state for t in load(workdir).trials] == [State.FAIL] * 3
 
 
 def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
-    real_train = kdsearch.trial.train
-    monkeypatch.setattr(kdsearch.trial, "train", failing_train({2}, KeyboardInterrupt()))
-    assert main(["run-study", "--n-trials", "3", *FAST]) == 130
+    real_train = kdsearch.trainer_pool.train
+    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({2}, KeyboardInterrupt()))
+    assert main(["run-study", "--n-trials", "3", *IN_PROCESS]) == 130
     assert "Run the same command again to resume" in capsys.readouterr().err
     assert [t.state for t in load(workdir).trials] == [State.COMPLETE, State.FAIL]
     runs = trial_runs(workdir)
@@ -67,8 +68,8 @@ def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
     study_run_id = load(workdir).user_attrs["mlflow_run_id"]
     assert client.get_run(study_run_id).info.status == "KILLED"
 
-    monkeypatch.setattr(kdsearch.trial, "train", real_train)
-    assert main(["run-study", "--n-trials", "2", *FAST]) == 0
+    monkeypatch.setattr(kdsearch.trainer_pool, "train", real_train)
+    assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE, State.COMPLETE]
     assert client.get_run(study_run_id).info.status == "FINISHED"
@@ -83,8 +84,8 @@ def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
 
 
 def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
-    monkeypatch.setattr(kdsearch.trial, "train", failing_train({1}, torch.OutOfMemoryError("CUDA out of memory")))
-    assert main(["run-study", "--n-trials", "2", *FAST]) == 0
+    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({1}, torch.OutOfMemoryError("CUDA out of memory")))
+    assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory"
@@ -126,17 +127,18 @@ def test_a_process_killed_on_sqlite_leaves_nothing_running_once_resumed(workdir)
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    (killed,) = load(workdir).get_trials(states=[State.RUNNING])
-    assert trial_runs(workdir)[str(killed.number)].info.status == "RUNNING"
+    killed = load(workdir).get_trials(states=[State.RUNNING])  # one per training process
+    assert killed and all(trial_runs(workdir)[str(t.number)].info.status == "RUNNING" for t in killed)
 
-    assert main(["run-study", "--n-trials", "2", *slow]) == 0  # the other baseline, then the retry
+    assert main(["run-study", "--n-trials", "2", *slow]) == 0  # the retries (and the other baseline, if not run)
     study = load(workdir)
-    assert study.trials[killed.number].state == State.FAIL
-    assert study.trials[killed.number].user_attrs["fail_reason"] == f"worker {killed.user_attrs['worker']} died"
-    run = trial_runs(workdir)[str(killed.number)]
-    assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"].endswith("died")
-    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert [t.state for t in retry] == [State.COMPLETE] and retry[0].params == killed.params
+    for lost in killed:
+        assert study.trials[lost.number].state == State.FAIL
+        assert study.trials[lost.number].user_attrs["fail_reason"] == f"worker {lost.user_attrs['worker']} died"
+        run = trial_runs(workdir)[str(lost.number)]
+        assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"].endswith("died")
+        retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
+        assert [t.state for t in retry] == [State.COMPLETE] and retry[0].params == lost.params
+        assert "fail_reason" not in retry[0].user_attrs
+        assert retry[0].user_attrs.get("baseline") == lost.user_attrs.get("baseline")
     assert not study.get_trials(states=[State.RUNNING])
-    assert "fail_reason" not in retry[0].user_attrs and retry[0].user_attrs.get("baseline") == killed.user_attrs.get(
-        "baseline")

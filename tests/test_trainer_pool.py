@@ -1,0 +1,186 @@
+"""Students trained in forked processes (`engine.parallel_trials`): the same students as in one process, every
+epoch seen by the parent, and a pruned, failed or killed trial that leaves the pool usable."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+from helpers import fast
+from mlflow import MlflowClient
+
+from kdsearch.config import DataConfig, load_study
+from kdsearch.data import load_dataset
+from kdsearch.distill import DivergedError, Normalizer, TrainSettings
+from kdsearch.engine import PhaseTimer
+from kdsearch.models import convnet
+from kdsearch.trainer_pool import TrainerPool, Workload, processes_for, train_locally
+
+State = optuna.trial.TrialState
+DIGITS = Path(__file__).resolve().parents[1] / "studies" / "digits.toml"
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    data = load_dataset(DataConfig(), seed=0)
+    logits = torch.randn(len(data.train), 10, generator=torch.Generator().manual_seed(0)) * 3
+    return SimpleNamespace(cfg=load_study(DIGITS), data=data, normalize=Normalizer(data.mean, data.std, "cpu"),
+                           teacher=SimpleNamespace(targets=lambda augment: logits))
+
+
+def test_a_backward_pass_here_does_not_stop_the_processes_training(ctx):
+    """torch refuses autograd in a process forked after a backward pass (the teacher's): the pool's processes
+    come from a fork server."""
+    loss = student()(torch.zeros(2, 1, 8, 8)).sum()
+    loss.backward()
+    pool = TrainerPool(ctx, size=1, threads=1)
+    try:
+        assert pool.train(ctx, student(), SETTINGS, lambda *a: None, PhaseTimer(torch.device("cpu"))) > 0.5
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def pool(ctx):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trainers train
+    pool = TrainerPool(ctx, size=1, threads=1)
+    yield pool
+    pool.close()
+    torch.set_num_threads(threads)
+
+
+def student(seed=0):
+    torch.manual_seed(seed)
+    return convnet((1, 8, 8), 10, base_width=8, width=1.0, depth=2).to(memory_format=torch.channels_last)
+
+
+SETTINGS = TrainSettings(epochs=3, lr=0.05, batch_size=64, temperature=4.0, alpha=0.5, seed=3)
+
+
+def recorder():
+    seen = []
+
+    def on_epoch(epoch, loss, val_acc):
+        seen.append((epoch, loss, val_acc))
+    return seen, on_epoch
+
+
+def test_a_pooled_student_is_the_student_trained_here(ctx, pool):
+    here, pooled = student(), student()
+    seen_here, on_epoch_here = recorder()
+    seen_pooled, on_epoch_pooled = recorder()
+    val_here = train_locally(Workload.of(ctx), here, SETTINGS, on_epoch_here, PhaseTimer(torch.device("cpu")))
+    timer = PhaseTimer(torch.device("cpu"))
+    with timer("train"):
+        val_pooled = pool.train(ctx, pooled, SETTINGS, on_epoch_pooled, timer)
+    assert val_pooled == val_here and seen_pooled == seen_here and [e for e, _, _ in seen_here] == [1, 2, 3]
+    for name, tensor in here.state_dict().items():
+        assert torch.equal(pooled.state_dict()[name], tensor), name
+    assert 0 < timer.seconds["evaluate"] < timer.seconds["train"] + timer.seconds["evaluate"]  # nested, as here
+
+
+class Pruned(Exception):
+    pass
+
+
+def test_a_stopped_or_failed_trial_leaves_its_process_ready_for_the_next(ctx, pool):
+    def stop_after_first(epoch, loss, val_acc):
+        raise Pruned(f"epoch {epoch}")
+
+    for _ in range(3):  # a process that never came back would block the fourth call for ever
+        with pytest.raises(Pruned, match="epoch 1"):
+            pool.train(ctx, student(), SETTINGS, stop_after_first, PhaseTimer(torch.device("cpu")))
+    diverging = TrainSettings(epochs=2, lr=1e9, batch_size=64, alpha=0.5, temperature=4.0)
+    with pytest.raises(DivergedError, match="training loss became"):  # the trial's fail_reason names the type
+        pool.train(ctx, student(), diverging, lambda *a: None, PhaseTimer(torch.device("cpu")))
+    seen, on_epoch = recorder()
+    assert pool.train(ctx, student(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5
+    assert len(seen) == 3
+
+
+def test_a_killed_process_fails_its_trial_and_the_next_trains_here(ctx, pool):
+    def kill_it(epoch, loss, val_acc):
+        for proc in pool._procs:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+
+    with pytest.raises(RuntimeError, match="the process training this student died"):
+        pool.train(ctx, student(), SETTINGS, kill_it, PhaseTimer(torch.device("cpu")))
+    seen, on_epoch = recorder()
+    assert pool.train(ctx, student(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5
+    assert len(seen) == 3
+
+
+def test_processes_per_session():
+    cfg = load_study(DIGITS)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cores = len(os.sched_getaffinity(0))
+    assert processes_for(cfg, cpu, 20) == ((min(cores, 8), 1) if cores > 1 else (1, 1))
+    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=1, threads=4)), cpu, 20) == (1, 4)
+    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=3, threads=7)), cpu, 20) == (3, 2)
+    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=3)), cpu, 1)[0] == 1
+    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=3)), cuda, 20)[0] == 1
+
+
+def test_ctrl_c_stops_parallel_trials_as_interrupted_and_the_study_resumes(workdir):
+    """SIGINT to the process group, as a terminal's Ctrl-C sends it, while two trials train in two processes."""
+    args = ["--n-trials", "4", *fast(distill_epochs=150), "--set", "engine.parallel_trials=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdsearch", "run-study", *args], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    storage = f"sqlite:///{workdir}/optuna.db"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name="digits", storage=storage).trials
+        except Exception:  # noqa: BLE001 - not made yet
+            continue
+        if sum("mlflow_run_id" in t.user_attrs for t in trials) >= 2:
+            break
+    time.sleep(0.5)  # both training (a trial takes several seconds)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Run the same command again to resume" in err
+    study = optuna.load_study(study_name="digits", storage=storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]  # the two trials under way, nothing RUNNING
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"] == "interrupted (Ctrl-C)"
+    assert client.get_run(study.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+    resumed = subprocess.run([sys.executable, "-m", "kdsearch", "run-study", *args[:1], "2", *args[2:]],
+                             cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    states = [t.state for t in optuna.load_study(study_name="digits", storage=storage).trials]
+    assert states == [State.FAIL, State.FAIL, State.COMPLETE, State.COMPLETE]
+
+
+def test_parallel_trials_each_train_once_and_are_recorded_like_sequential_ones(workdir, capsys):
+    """Two trials at a time in this process's threads: the enqueued baselines are taken by one thread each (on
+    SQLite two threads could both take one), and every trial has one finished MLflow run with its epochs."""
+    from kdsearch.cli import main
+
+    assert main(["run-study", "--n-trials", "4", *fast(distill_epochs=3), "--set", "engine.parallel_trials=2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert sorted(int(line.split()[1]) for line in lines) == [0, 1, 2, 3]
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 4
+    assert sorted(t.user_attrs.get("baseline", "") for t in study.trials)[-2:] == ["kd", "no-kd"]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("digits")
+    runs = client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'trial'")
+    assert sorted(r.data.tags["optuna.trial_number"] for r in runs) == ["0", "1", "2", "3"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2, 3]  # every epoch, written in batches
