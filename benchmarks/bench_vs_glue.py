@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached")
 
 
 def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str, out: str) -> None:
@@ -90,7 +91,10 @@ def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str
         torch.save(teacher.state_dict(), teacher_file)
     teacher.eval()
 
+    span = []  # when the first trial started and the last one ended
+
     def objective(trial):
+        span[:] = [span[0] if span else time.time()]
         s, d = cfg.student, cfg.distill
         width = trial.suggest_float("width", *s.width, log=True)
         depth = trial.suggest_int("depth", *s.depth)
@@ -104,13 +108,15 @@ def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str
         with torch.inference_mode():
             timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=cfg.latency.threads)
             latency_ms = timer.blocked_autorange(min_run_time=cfg.latency.min_run_time).median * 1e3
+        span.append(time.time())
         return val_acc, sum(p.numel() for p in model.parameters()), latency_ms
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"],
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     tracking = MLflowCallback(tracking_uri="sqlite:///mlflow.db", metric_name=["val_acc", "params", "latency_ms"])
     study.optimize(objective, n_trials=n_trials, callbacks=[tracking])
-    Path(out).write_text(json.dumps([t.values for t in study.trials if t.values]))
+    Path(out).write_text(json.dumps({"points": [t.values for t in study.trials if t.values],
+                                     "trials_s": span[-1] - span[0]}))
 
 
 def timed(command: list[str], folder: Path) -> float:
@@ -128,7 +134,7 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
     sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
     name = load_study(args.study, sets).name
     result = {}
-    for arm in ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached"):
+    for arm in args.arms:
         folder = Path(tempfile.mkdtemp(prefix="vs-glue-"))
         if arm.startswith("glue"):
             teacher = teachers / f"teacher-{seed}.pt"
@@ -137,7 +143,8 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
             code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from bench_vs_glue import glue; "
                     f"glue({args.study!r}, {sets!r}, {args.n_trials}, {str(teacher)!r}, 'front.json')")
             seconds = timed([sys.executable, "-c", code], folder)
-            points = json.loads((folder / "front.json").read_text())
+            front = json.loads((folder / "front.json").read_text())
+            points, trials_s = front["points"], front["trials_s"]
         else:
             cache = shared_cache  # the teacher's key holds the seed: the fresh arm trains it, the cached one reads it
             cmd = [sys.executable, "-m", "kdsearch", "run-study", args.study, "--n-trials", str(args.n_trials),
@@ -147,9 +154,12 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
 
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/optuna.db")
             points = [t.values for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
+            finished = [t for t in study.trials if t.datetime_complete]
+            trials_s = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
+                        ).total_seconds()
             result["teacher"] = study.user_attrs["teacher"]
-        result[arm] = {"seconds": seconds, "points": points}
-    for arm in ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached"):
+        result[arm] = {"seconds": seconds, "points": points, "trials_s": trials_s}
+    for arm in args.arms:
         result[arm]["hypervolume"] = hypervolume(result[arm]["points"], result["teacher"])
     return result
 
@@ -166,6 +176,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="which arms to run (a cached arm without its fresh one trains the teacher itself)")
     args = parser.parse_args()
     args.study = str(Path(args.study).resolve()) if Path(args.study).exists() else str(ROOT / "studies" /
                                                                                         f"{args.study}.toml")
@@ -175,16 +187,21 @@ def main() -> None:
         for seed in args.seeds:
             results.append(one_seed(args, seed, Path(teachers), Path(cache)))
             r = results[-1]
-            print(f"seed {seed}: " + ", ".join(f"{arm} {r[arm]['seconds']:.1f} s (hv {r[arm]['hypervolume']:.4f})"
-                                               for arm in r if arm != "teacher"), flush=True)
+            print(f"seed {seed}: " + ", ".join(f"{arm} {r[arm]['seconds']:.1f} s, trials {r[arm]['trials_s']:.1f} s "
+                                               f"(hv {r[arm]['hypervolume']:.4f})" for arm in args.arms), flush=True)
     print(f"{args.n_trials} trials a study, seeds {args.seeds}; mean +/- sd over the seeds:")
-    for arm in ("glue fresh", "glue cached", "kdsearch fresh", "kdsearch cached"):
+    for arm in args.arms:
         secs = [r[arm]["seconds"] for r in results]
-        print(f"  {arm:>15}: {spread(secs)} s end to end, {statistics.mean(secs) / args.n_trials:.2f} s a trial; "
-              f"hypervolume {spread([r[arm]['hypervolume'] for r in results])}")
+        per_trial = statistics.mean(r[arm]["trials_s"] for r in results) / args.n_trials
+        print(f"  {arm:>15}: {spread(secs)} s end to end, {per_trial:.2f} s a trial (first trial's start to last "
+              f"one's end, over the trials); hypervolume {spread([r[arm]['hypervolume'] for r in results])}")
     for kind in ("fresh", "cached"):
-        ratio = statistics.mean(r[f"glue {kind}"]["seconds"] / r[f"kdsearch {kind}"]["seconds"] for r in results)
-        print(f"teacher {kind}: kdsearch {ratio:.2f}x faster end to end than the script")
+        if f"glue {kind}" in args.arms and f"kdsearch {kind}" in args.arms:
+            pairs = [(r[f"glue {kind}"], r[f"kdsearch {kind}"]) for r in results]
+            ratio = statistics.mean(g["seconds"] / k["seconds"] for g, k in pairs)
+            per_trial = statistics.mean(g["trials_s"] / k["trials_s"] for g, k in pairs)
+            print(f"teacher {kind}: kdsearch {ratio:.2f}x faster end to end than the script, {per_trial:.2f}x per "
+                  "trial")
 
 
 if __name__ == "__main__":

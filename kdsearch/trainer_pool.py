@@ -163,7 +163,7 @@ def trainer_pool(ctx, size: int, threads: int):
     """While open, `ctx.pool` trains the students in `size` forked processes; Ctrl-C stops them first (the
     parent's threads then end their trials as interrupted), and the parent keeps one thread for its own small
     work (test passes, latency timings), leaving the cores to the processes."""
-    if size <= 1:
+    if size <= 1 or isinstance(ctx.data.train, StreamingSplit):  # streamed images: DataLoader workers use the cores
         yield
         return
     pool = TrainerPool(ctx, size, threads)

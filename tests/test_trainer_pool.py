@@ -149,9 +149,10 @@ def test_ctrl_c_stops_parallel_trials_as_interrupted_and_the_study_resumes(workd
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Run the same command again to resume" in err
+    assert "Run the same command again to resume" in err, err
     study = optuna.load_study(study_name="digits", storage=storage)
-    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]  # the two trials under way, nothing RUNNING
+    states = [t.state for t in study.trials]
+    assert states == [State.FAIL, State.FAIL], (states, out, err)  # the two trials under way, nothing RUNNING
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     for t in study.trials:
         run = client.get_run(t.user_attrs["mlflow_run_id"])
@@ -184,3 +185,19 @@ def test_parallel_trials_each_train_once_and_are_recorded_like_sequential_ones(w
         assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2, 3]  # every epoch, written in batches
+
+
+def test_an_image_folder_streamed_from_disk_trains_in_the_main_process(workdir):
+    """Streamed images come from DataLoader workers, which a pooled process may not start: such a study trains its
+    trials in the main process, whatever engine.parallel_trials says."""
+    from test_own_data import images
+
+    from kdsearch.cli import main
+
+    images(workdir / "pics", per_class=12)
+    args = ["--set", "data.dataset='imagefolder'", "--set", f"data.data_dir='{workdir / 'pics'}'",
+            "--set", "data.image_size=8", "--set", "data.memory_gb=1e-9", "--set", "search.baselines=false",
+            "--set", "engine.parallel_trials=2", "--n-trials", "2", *fast()]
+    assert main(["run-study", *args]) == 0
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 2
