@@ -60,22 +60,28 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._make, self._seed = make, seed
         self._inner = make(seed)
+        self._per_trial: dict[int, optuna.samplers.BaseSampler] = {}  # trials in progress here, by trial id
 
     def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self._inner = self._make(trial_seed(self._seed, trial.number))
-        self._inner.before_trial(study, trial)
+        # Kept per trial, not in one attribute: with parallel trials (`run_trials`) another thread's trial begins
+        # while this one still samples, and must not swap its sampler (and seed) underneath it.
+        inner = self._inner = self._per_trial[trial._trial_id] = self._make(trial_seed(self._seed, trial.number))
+        inner.before_trial(study, trial)
+
+    def _of(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+        return self._per_trial.get(trial._trial_id, self._inner)
 
     def infer_relative_search_space(self, study, trial):
-        return self._inner.infer_relative_search_space(study, trial)
+        return self._of(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self._inner.sample_relative(study, trial, search_space)
+        return self._of(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values) -> None:
-        self._inner.after_trial(study, trial, state, values)
+        self._per_trial.pop(trial._trial_id, self._inner).after_trial(study, trial, state, values)
 
 
 def make_sampler(cfg: StudyConfig) -> TrialSeededSampler:

@@ -201,3 +201,17 @@ def test_an_image_folder_streamed_from_disk_trains_in_the_main_process(workdir):
     assert main(["run-study", *args]) == 0
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
     assert [t.state for t in study.trials] == [State.COMPLETE] * 2
+
+
+def test_a_trial_keeps_its_own_seeded_sampler_while_another_begins():
+    """Parallel trials interleave: trial 0 draws the same values whether or not trial 1 began in the meantime."""
+    from kdsearch.study import make_sampler
+
+    def first_draws(interleaved: bool) -> list[float]:
+        study = optuna.create_study(sampler=make_sampler(load_study(DIGITS)))
+        first = study.ask()
+        if interleaved:
+            study.ask().suggest_float("x", 0.0, 1.0)
+        return [first.suggest_float("x", 0.0, 1.0), first.suggest_float("y", 0.0, 1.0)]
+
+    assert first_draws(True) == first_draws(False)
