@@ -47,14 +47,14 @@ class Latency:
         return asdict(self)
 
 
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig, timer=None) -> Latency:
     """Median time of one forward pass of a batch, with torch.utils.benchmark (warm-up, CUDA sync, fixed threads),
-    alone on this host (see `timing_lock`)."""
+    alone on this host (see `timing_lock`); `timer` (default `time_forward`) may time it in another process."""
     with timing_alone():
-        return _timed(model, input_shape, cfg)
+        return (timer or time_forward)(model, input_shape, cfg)
 
 
-def _timed(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
+def time_forward(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     model = copy.deepcopy(model).to(device, dtype, memory_format=torch.contiguous_format).eval()
     x = torch.randn(cfg.batch_size, *input_shape, device=device, dtype=dtype)

@@ -2,14 +2,19 @@
 
 On a CPU a small student's training step is mostly Python and dispatch: one process keeps about one core busy, and
 threads do not help (they share the GIL: two threads trained two digits students 1.2x faster than one after the
-other, two processes 2.0x). With `engine.parallel_trials` = K > 1, `run_study` runs K trials at a time (Optuna's
-threads) and each thread hands its student's training to one of K processes. They are forked once the session is
-open, so they start warm; where this process has already run a backward pass (a teacher trained here), torch
-refuses autograd in its forks, and they come from multiprocessing's fork server instead (which re-imports an
-unguarded main script: guard yours with `if __name__ == "__main__":`). Each gets the training data and the
-teacher's logits once, then students. The parent still sees every epoch: a process sends each epoch's loss and
-val_acc and waits for the answer, so logging, pruning and the timing lock (a process trains its epochs under
-`training_epoch` like any other) work as in one process.
+other, two processes 2.0x). With `engine.parallel_trials` = K > 1, `run_study` runs K trials at a time in K threads
+and each thread hands its student's training to one of K processes of one thread each. The parent still sees
+every epoch: a process sends each epoch's loss and val_acc and waits for the answer, so logging, pruning and the
+timing lock (a process trains its epochs under `training_epoch` like any other) work as in one process.
+
+The processes are forked once the session is open: they start warm and share the training data. A forked process
+must not use several OpenMP threads (it hangs in libgomp) or CUDA. Where this process has already run a backward
+pass, torch refuses autograd in its forks; then the processes come from multiprocessing's fork server, which runs
+`__main__` again in each: that is safe for `python -m kdsearch` and interactive sessions, and for a script only
+behind `if __name__ == "__main__":`, so from a script the trials then train one at a time here.
+
+Latency is timed in one more process, which does nothing else, while the timing lock keeps epochs out and this
+process's threads are held off the GIL (`_wait_holding_the_gil`).
 
 A process that dies fails its trial only; its trials then train in the parent. Ctrl-C stops the processes first,
 so the trials under way end as interrupted (FAIL), as they would in one process.
@@ -24,6 +29,8 @@ import os
 import pickle
 import queue
 import signal
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +38,14 @@ from torch import nn
 
 from kdsearch.data import Split, StreamingSplit
 from kdsearch.distill import Normalizer, Teacher, TrainSettings, train
+from kdsearch.config import LatencyConfig
 from kdsearch.engine import PhaseTimer, prepare_model
+from kdsearch.measure import Latency, time_forward
 from kdsearch.timing_lock import training_epoch
 
 _PR_SET_PDEATHSIG = 1  # from linux/prctl.h
-_IN_PARENT = None  # a free slot holding this marks "train in the parent process" (its trainer died)
+_IN_PARENT = None
+_INHERITED = None  # the workload, while forking: a forked process reads it here instead of receiving a copy  # a free slot holding this marks "train in the parent process" (its trainer died)
 
 
 class _Stop(Exception):
@@ -59,52 +69,75 @@ class Workload:
 
 
 class TrainerPool:
-    """`size` training processes; `train` borrows one for a trial and blocks until the student is trained."""
+    """`size` training processes and one timing process; `train` borrows a training process for a trial and blocks
+    until the student is trained, `time_latency` times an architecture in the timing process."""
 
-    def __init__(self, ctx, size: int, threads: int):
-        work = pickle.dumps(Workload.of(ctx))
+    def __init__(self, work: Workload, size: int):
         self._procs: list = []
         self._free: queue.Queue = queue.Queue()
+        self._timer, self._timer_lock = None, threading.Lock()
         self.closing = False
-        conns = self._start("fork", size, threads, work) or self._start("forkserver", size, threads, work)
-        for conn in conns or [_IN_PARENT]:
+        conns = self._start("fork", size, work)
+        if conns is None and _main_is_importable():
+            conns = self._start("forkserver", size, work)
+        if conns is None:
+            print("trials train one at a time in this process: its forks cannot train (torch refuses autograd in a "
+                  "fork once a backward pass has run here), and a fresh process would run this script again; run "
+                  "`python -m kdsearch`, or call run_study from a module", flush=True)
+        *trainers, self._timer = conns or [_IN_PARENT, None]
+        for conn in trainers:
             self._free.put(conn)
+        self.size = len(trainers) if conns else 1
 
-    def _start(self, method: str, size: int, threads: int, work: bytes) -> list | None:
-        """`size` processes started by `method`, each sent the workload; None if any of them cannot train."""
+    def _start(self, method: str, size: int, work: Workload) -> list | None:
+        """`size` training processes and a timing process started by `method`, or None if any cannot start or
+        train. Forked ones use the workload they inherit; the fork server's are sent it."""
+        global _INHERITED
         mp = multiprocessing.get_context(method)
         started = []
-        for _ in range(size):
-            mine, theirs = mp.Pipe()
-            ours = [m for _, m in started] + [mine]  # a forked process gets copies of these: it must close them
-            proc = mp.Process(target=_serve, args=(theirs, ours, threads), daemon=True)
-            proc.start()
-            theirs.close()
-            started.append((proc, mine))
+        _INHERITED = work if method == "fork" else None
         try:
+            for target in [_serve] * size + [_serve_timings]:
+                mine, theirs = mp.Pipe()
+                ours = [m for _, m in started] + [mine]  # a forked process gets copies of these: it must close them
+                proc = mp.Process(target=target, args=(theirs, ours), daemon=True)
+                started.append((proc, mine))
+                proc.start()
+                theirs.close()
             if any(_recv(mine) != "ready" for _, mine in started):
                 raise EOFError
-            for _, mine in started:
-                mine.send_bytes(work)
+            if method != "fork":
+                for _, mine in started[:-1]:
+                    _send(mine, work)
         except (EOFError, OSError):
-            for proc, _ in started:
-                proc.kill()
-                proc.join()
+            for proc, mine in started:
+                if proc.pid is not None:
+                    proc.kill()
+                    proc.join()
+                mine.close()
             return None
+        finally:
+            _INHERITED = None
         self._procs = [proc for proc, _ in started]
         return [mine for _, mine in started]
 
     def train(self, ctx, model: nn.Module, settings: TrainSettings, on_epoch, timer: PhaseTimer) -> float:
-        """Train `model` in a pooled process (in place, as `distill.train` does); return the final val_acc."""
+        """Train `model` in a pooled process (in place, as `distill.train` does); return the final val_acc. A
+        student that cannot be pickled (a class defined inside a user's builder) trains in this process."""
         if self.closing:
             raise KeyboardInterrupt
+        try:
+            task = pickle.dumps((model, settings))
+        except Exception:  # noqa: BLE001 - pickling raises many kinds
+            return train_locally(Workload.of(ctx), model, settings, on_epoch, timer)
         conn = self._free.get()
         if conn is _IN_PARENT:
             self._free.put(_IN_PARENT)
             return train_locally(Workload.of(ctx), model, settings, on_epoch, timer)
         try:
-            return self._train_on(conn, model, settings, on_epoch, timer)
+            return self._train_on(conn, task, model, on_epoch, timer)
         except (EOFError, OSError) as e:
+            conn.close()
             conn = _IN_PARENT
             if self.closing:
                 raise KeyboardInterrupt from e
@@ -114,8 +147,8 @@ class TrainerPool:
             self._free.put(conn)
 
     @staticmethod
-    def _train_on(conn, model, settings, on_epoch, timer) -> float:
-        _send(conn, (model, settings))
+    def _train_on(conn, task: bytes, model, on_epoch, timer) -> float:
+        conn.send_bytes(task)
         while True:
             kind, *body = _recv(conn)
             if kind == "epoch":
@@ -135,6 +168,31 @@ class TrainerPool:
             else:
                 raise body[0]
 
+    def time_latency(self, model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
+        """`measure.time_forward` in the timing process, which runs nothing else: in this process the trials' threads
+        take the GIL often enough to inflate a timing (0.08 ms became about 60 ms beside a busy thread). The caller
+        holds `timing_alone`, so no training epoch runs meanwhile. A forked process must not use more than one
+        OpenMP thread (it would hang) nor CUDA: such timings, and students that cannot be pickled, stay here."""
+        try:
+            task = pickle.dumps((model, input_shape, cfg))
+        except Exception:  # noqa: BLE001
+            task = None
+        with self._timer_lock:
+            if task is None or self._timer is None or cfg.threads != 1 or cfg.device != "cpu":
+                return time_forward(model, input_shape, cfg)
+            try:
+                self._timer.send_bytes(task)
+                _wait_holding_the_gil(self._timer.fileno())
+                kind, value = _recv(self._timer)
+            except (EOFError, OSError) as e:
+                self._timer = None
+                if self.closing:
+                    raise KeyboardInterrupt from e
+                return time_forward(model, input_shape, cfg)
+        if kind == "error":
+            raise value
+        return value
+
     def close(self) -> None:
         """Stop the processes now (their trials' threads then end as interrupted)."""
         self.closing = True
@@ -148,40 +206,41 @@ class TrainerPool:
 MAX_AUTO = 8  # `engine.parallel_trials = 0` forks one process per core, at most this many
 
 
-def processes_for(cfg, device: torch.device, n_trials: int) -> tuple[int, int]:
-    """How many training processes a session forks, and the threads each: none on CUDA (a forked process cannot
-    use the parent's CUDA context) or for a single trial."""
+def processes_for(cfg, device: torch.device, n_trials: int) -> int:
+    """How many training processes a session starts: one per core (or `engine.parallel_trials`), and none on CUDA
+    (a forked process cannot use the parent's CUDA context) or for a single trial."""
     cores = cfg.engine.threads or len(os.sched_getaffinity(0))
     size = min(cfg.engine.parallel_trials or min(cores, MAX_AUTO), n_trials)
-    if device.type != "cpu" or size <= 1:
-        return 1, cores
-    return size, max(1, cores // size)
+    return size if device.type == "cpu" and size > 1 else 1
 
 
 @contextlib.contextmanager
-def trainer_pool(ctx, size: int, threads: int):
-    """While open, `ctx.pool` trains the students in `size` forked processes; Ctrl-C stops them first (the
-    parent's threads then end their trials as interrupted), and the parent keeps one thread for its own small
-    work (test passes, latency timings), leaving the cores to the processes."""
+def trainer_pool(ctx, size: int):
+    """While open, `ctx.pool` trains the students in `size` processes of one thread each (a forked process that
+    used several OpenMP threads could hang); yields how many trials to run at once. Ctrl-C stops the processes
+    first (the parent's threads then end their trials as interrupted); the parent keeps one thread for its own
+    small work (test passes), leaving the cores to the processes."""
     if size <= 1 or isinstance(ctx.data.train, StreamingSplit):  # streamed images: DataLoader workers use the cores
-        yield
+        yield 1
         return
-    pool = TrainerPool(ctx, size, threads)
-    ctx.pool, parent_threads = pool, torch.get_num_threads()
+    parent_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    previous = signal.getsignal(signal.SIGINT)
+    pool = TrainerPool(Workload.of(ctx), size)
+    ctx.pool = pool
+    handled = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # not in a background job
 
     def interrupt(signum, frame):
         pool.close()
         signal.default_int_handler(signum, frame)
 
-    if previous is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
-        signal.signal(signal.SIGINT, interrupt)
     try:
-        yield
+        if handled:
+            signal.signal(signal.SIGINT, interrupt)
+        yield pool.size
     finally:
-        if previous is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous)
+        if handled:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         pool.close()
         ctx.pool = None
         torch.set_num_threads(parent_threads)
@@ -193,14 +252,26 @@ def train_locally(work: Workload, model: nn.Module, settings: TrainSettings, on_
                  training_epoch)
 
 
-def _serve(conn, ours: list, threads: int) -> None:
-    """A training process: train each student the parent sends until the parent goes away."""
+def _main_is_importable() -> bool:
+    """Whether a fresh process may import `__main__` safely: a package's `__main__` (`python -m`) or none (an
+    interactive session) is skipped by multiprocessing; a script would run again, whole study included."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(main, "__file__", None) is None or (spec is not None and spec.name.endswith("__main__"))
+
+
+def _become_child(ours: list) -> None:
     for end in ours:
         end.close()  # else this process holds its own pipe's other end, and never sees the parent go
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the parent, even in mid-epoch
         ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us (see `TrainerPool.close`)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+
+
+def _serve(conn, ours: list) -> None:
+    """A training process: train each student the parent sends until the parent goes away."""
+    _become_child(ours)
     try:
         torch.ones(1, requires_grad=True).sum().backward()
     except RuntimeError:  # forked from a process that had run a backward pass: torch refuses autograd here
@@ -208,7 +279,7 @@ def _serve(conn, ours: list, threads: int) -> None:
         os._exit(0)
     try:
         _send(conn, "ready")
-        work = _recv(conn)
+        work = _INHERITED or _recv(conn)
     except (EOFError, OSError):
         os._exit(0)
     while True:
@@ -225,6 +296,27 @@ def _serve(conn, ours: list, threads: int) -> None:
             _send(conn, ("error", _picklable(e)))
 
 
+def _serve_timings(conn, ours: list) -> None:
+    """The timing process: time each architecture the parent sends. Its first timing runs twice (a process's
+    first one reads about 0.3 s slow)."""
+    _become_child(ours)
+    _send(conn, "ready")
+    first = True
+    while True:
+        try:
+            task = conn.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            model, input_shape, cfg = pickle.loads(task)
+            if first:
+                time_forward(model, input_shape, cfg)
+                first = False
+            _send(conn, ("done", time_forward(model, input_shape, cfg)))
+        except Exception as e:  # noqa: BLE001 - the parent's trial records it
+            _send(conn, ("error", _picklable(e)))
+
+
 def _train_one(work: Workload, conn, model: nn.Module, settings: TrainSettings) -> tuple[float, dict, dict]:
     def on_epoch(epoch: int, train_loss: float, val_acc: float) -> None:
         _send(conn, ("epoch", epoch, train_loss, val_acc))
@@ -235,6 +327,18 @@ def _train_one(work: Workload, conn, model: nn.Module, settings: TrainSettings) 
     prepare_model(model, work.train.y.device)
     val_acc = train_locally(work, model, settings, on_epoch, timer)
     return val_acc, model.state_dict(), timer.seconds
+
+
+class _PollFd(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+
+def _wait_holding_the_gil(fd: int, timeout_ms: int = 60_000) -> None:
+    """Block until `fd` is readable without releasing the GIL (`ctypes.PyDLL` keeps it), so that this process's
+    other threads stay off the CPU while the timing process times: on this 2-vCPU host a busy thread beside a
+    timing read the smallest student 60% slow. A signal or the timeout ends the wait early."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.PyDLL(None).poll(ctypes.byref(_PollFd(fd, 1, 0)), 1, timeout_ms)  # 1: POLLIN
 
 
 def _picklable(e: Exception) -> Exception:

@@ -125,9 +125,9 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     return cost["val_acc"], cost["params"], cost["latency_ms"]
 
 
-def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig) -> dict:
+def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig, timer=None) -> dict:
     """What the architecture costs, known before any training, with the settings its latency was timed with."""
-    latency = measure_latency(model, input_shape, cfg.latency)
+    latency = measure_latency(model, input_shape, cfg.latency, timer)
     return {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
             "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency": latency.to_dict()}
 
@@ -155,7 +155,8 @@ def study_cost(ctx: StudyContext, study: optuna.Study, key: str, model: torch.nn
             with timing_alone():
                 stored = _stored_cost(study, key)  # another worker on this host may have measured it meanwhile
                 if stored is None:
-                    stored = measure_cost(model, ctx.data.input_shape, ctx.cfg)
+                    timer = ctx.pool.time_latency if ctx.pool is not None else None
+                    stored = measure_cost(model, ctx.data.input_shape, ctx.cfg, timer)
                     study.set_user_attr(key, stored)
         ctx.costs[key] = stored
     return json.loads(json.dumps(ctx.costs[key]))  # a copy

@@ -39,7 +39,7 @@ def test_a_backward_pass_here_does_not_stop_the_processes_training(ctx):
     come from a fork server."""
     loss = student()(torch.zeros(2, 1, 8, 8)).sum()
     loss.backward()
-    pool = TrainerPool(ctx, size=1, threads=1)
+    pool = TrainerPool(Workload.of(ctx), size=1)
     try:
         assert pool.train(ctx, student(), SETTINGS, lambda *a: None, PhaseTimer(torch.device("cpu"))) > 0.5
     finally:
@@ -50,7 +50,7 @@ def test_a_backward_pass_here_does_not_stop_the_processes_training(ctx):
 def pool(ctx):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trainers train
-    pool = TrainerPool(ctx, size=1, threads=1)
+    pool = TrainerPool(Workload.of(ctx), size=1)
     yield pool
     pool.close()
     torch.set_num_threads(threads)
@@ -122,11 +122,71 @@ def test_processes_per_session():
     cfg = load_study(DIGITS)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     cores = len(os.sched_getaffinity(0))
-    assert processes_for(cfg, cpu, 20) == ((min(cores, 8), 1) if cores > 1 else (1, 1))
-    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=1, threads=4)), cpu, 20) == (1, 4)
-    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=3, threads=7)), cpu, 20) == (3, 2)
-    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=3)), cpu, 1)[0] == 1
-    assert processes_for(cfg.replace(engine=cfg.engine.__class__(parallel_trials=3)), cuda, 20)[0] == 1
+    engine = cfg.engine.__class__
+    assert processes_for(cfg, cpu, 20) == min(cores, 8)
+    assert processes_for(cfg.replace(engine=engine(parallel_trials=1, threads=4)), cpu, 20) == 1
+    assert processes_for(cfg.replace(engine=engine(threads=3)), cpu, 20) == 3
+    assert processes_for(cfg.replace(engine=engine(parallel_trials=3)), cpu, 1) == 1
+    assert processes_for(cfg.replace(engine=engine(parallel_trials=3)), cuda, 20) == 1
+
+
+class Reveal(torch.nn.Module):
+    """A model whose forward pass tells which process runs it."""
+
+    def forward(self, x):
+        raise RuntimeError(f"pid {os.getpid()}")
+
+
+def test_latency_is_timed_in_the_timing_process_not_beside_the_trial_threads(pool):
+    from kdsearch.config import LatencyConfig
+
+    with pytest.raises(RuntimeError, match=r"pid \d+") as raised:
+        pool.time_latency(Reveal(), (1, 8, 8), LatencyConfig(min_run_time=0.01))
+    assert str(raised.value) != f"pid {os.getpid()}"
+    latency = pool.time_latency(student(), (1, 8, 8), LatencyConfig(min_run_time=0.01))
+    assert latency.median_ms > 0 and latency.threads == 1
+    with pytest.raises(RuntimeError, match=f"pid {os.getpid()}$"):  # several threads: timed here (see the docstring)
+        pool.time_latency(Reveal(), (1, 8, 8), LatencyConfig(min_run_time=0.01, threads=2))
+
+
+def test_a_student_that_cannot_be_pickled_trains_here(ctx, pool):
+    class Local(torch.nn.Module):  # defined in a function, as a user's builder may: pickle cannot name it
+        def __init__(self):
+            super().__init__()
+            self.net = student()
+
+        def forward(self, x):
+            return self.net(x)
+
+    seen, on_epoch = recorder()
+    assert pool.train(ctx, Local(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5 and len(seen) == 3
+
+
+def test_a_fresh_process_is_started_only_where_it_would_not_run_a_script_again(monkeypatch):
+    from kdsearch.trainer_pool import _main_is_importable
+
+    script = SimpleNamespace(__file__="/home/me/study.py", __spec__=None)
+    package = SimpleNamespace(__file__="/x/kdsearch/__main__.py", __spec__=SimpleNamespace(name="kdsearch.__main__"))
+    for main, importable in ((script, False), (package, True), (SimpleNamespace(), True)):  # the last: a notebook
+        monkeypatch.setitem(sys.modules, "__main__", main)
+        assert _main_is_importable() is importable
+
+
+def test_a_study_runs_from_a_thread_and_with_several_training_threads_asked_for(workdir):
+    """From a thread (a notebook's or a job runner's) no SIGINT handler can be set; and however many threads
+    `engine.threads` offers, each process trains with one (a forked process using several OpenMP threads hung)."""
+    import threading
+
+    from kdsearch.cli import main
+
+    codes = []
+    args = ["--n-trials", "2", *fast(distill_epochs=2), "--set", "engine.parallel_trials=2", "--set", "engine.threads=4"]
+    thread = threading.Thread(target=lambda: codes.append(main(["run-study", *args])))
+    thread.start()
+    thread.join(timeout=300)
+    assert codes == [0]
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 2
 
 
 def test_ctrl_c_stops_parallel_trials_as_interrupted_and_the_study_resumes(workdir):
