@@ -335,8 +335,9 @@ def check_values(c: StudyConfig, where: str) -> None:
     for key, value in {"teacher.epochs": c.teacher.epochs, "search.timeout": c.search.timeout,
                        "teacher.weight_decay": c.teacher.weight_decay,
                        "distill.weight_decay": c.distill.weight_decay, "engine.threads": c.engine.threads,
-                       "engine.parallel_trials": c.engine.parallel_trials, "search.max_params": c.search.max_params, "search.max_latency_ms": c.search.max_latency_ms,
-                       "search.prune_margin": c.search.prune_margin, "data.memory_gb": c.data.memory_gb}.items():
+                       "engine.parallel_trials": c.engine.parallel_trials, "search.max_params": c.search.max_params,
+                       "search.max_latency_ms": c.search.max_latency_ms, "search.prune_margin": c.search.prune_margin,
+                       "data.memory_gb": c.data.memory_gb}.items():
         if value < 0:
             raise KdsearchError(f"{where}: {key} = {value} must not be negative")
     if c.distill.label_smoothing != "auto" and not 0 <= c.distill.label_smoothing < 1:

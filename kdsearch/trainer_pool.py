@@ -14,7 +14,8 @@ pass, torch refuses autograd in its forks; then the processes come from multipro
 behind `if __name__ == "__main__":`, so from a script the trials then train one at a time here.
 
 Latency is timed in one more process, which does nothing else, while the timing lock keeps epochs out and this
-process's threads are held off the GIL (`_wait_holding_the_gil`).
+process's threads are held off the GIL (`_wait_holding_the_gil`; a Ctrl-C then takes effect when the timing
+ends). A student that cannot be pickled is timed and trained here.
 
 A process that dies fails its trial only; its trials then train in the parent. Ctrl-C stops the processes first,
 so the trials under way end as interrupted (FAIL), as they would in one process.
@@ -36,16 +37,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdsearch.config import LatencyConfig
 from kdsearch.data import Split, StreamingSplit
 from kdsearch.distill import Normalizer, Teacher, TrainSettings, train
-from kdsearch.config import LatencyConfig
 from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.measure import Latency, time_forward
 from kdsearch.timing_lock import training_epoch
 
 _PR_SET_PDEATHSIG = 1  # from linux/prctl.h
-_IN_PARENT = None
-_INHERITED = None  # the workload, while forking: a forked process reads it here instead of receiving a copy  # a free slot holding this marks "train in the parent process" (its trainer died)
+_IN_PARENT = None  # a free slot holding this marks "train in the parent process" (its trainer died)
+_INHERITED = None  # the workload, while forking: a forked process reads it here instead of receiving a copy
 
 
 class _Stop(Exception):
@@ -109,7 +110,7 @@ class TrainerPool:
             if method != "fork":
                 for _, mine in started[:-1]:
                     _send(mine, work)
-        except (EOFError, OSError):
+        except Exception:  # noqa: BLE001 - a process that cannot start or be sent the workload: train here instead
             for proc, mine in started:
                 if proc.pid is not None:
                     proc.kill()
@@ -129,11 +130,11 @@ class TrainerPool:
         try:
             task = pickle.dumps((model, settings))
         except Exception:  # noqa: BLE001 - pickling raises many kinds
-            return train_locally(Workload.of(ctx), model, settings, on_epoch, timer)
+            return train_locally(Workload.of(ctx), model, settings, self._stoppable(on_epoch), timer)
         conn = self._free.get()
         if conn is _IN_PARENT:
             self._free.put(_IN_PARENT)
-            return train_locally(Workload.of(ctx), model, settings, on_epoch, timer)
+            return train_locally(Workload.of(ctx), model, settings, self._stoppable(on_epoch), timer)
         try:
             return self._train_on(conn, task, model, on_epoch, timer)
         except (EOFError, OSError) as e:
@@ -145,6 +146,14 @@ class TrainerPool:
                                "process") from e
         finally:  # pruned or failed, the process is free again
             self._free.put(conn)
+
+    def _stoppable(self, on_epoch):
+        """`on_epoch` for a student trained here: Ctrl-C (which closes the pool) stops it after its epoch."""
+        def checked(*args) -> None:
+            if self.closing:
+                raise KeyboardInterrupt
+            on_epoch(*args)
+        return checked
 
     @staticmethod
     def _train_on(conn, task: bytes, model, on_epoch, timer) -> float:
@@ -185,6 +194,7 @@ class TrainerPool:
                 _wait_holding_the_gil(self._timer.fileno())
                 kind, value = _recv(self._timer)
             except (EOFError, OSError) as e:
+                self._timer.close()
                 self._timer = None
                 if self.closing:
                     raise KeyboardInterrupt from e
@@ -257,7 +267,8 @@ def _main_is_importable() -> bool:
     interactive session) is skipped by multiprocessing; a script would run again, whole study included."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    return getattr(main, "__file__", None) is None or (spec is not None and spec.name.endswith("__main__"))
+    name = getattr(spec, "name", "")
+    return getattr(main, "__file__", None) is None or name == "__main__" or name.endswith(".__main__")
 
 
 def _become_child(ours: list) -> None:
@@ -338,7 +349,9 @@ def _wait_holding_the_gil(fd: int, timeout_ms: int = 60_000) -> None:
     other threads stay off the CPU while the timing process times: on this 2-vCPU host a busy thread beside a
     timing read the smallest student 60% slow. A signal or the timeout ends the wait early."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.PyDLL(None).poll(ctypes.byref(_PollFd(fd, 1, 0)), 1, timeout_ms)  # 1: POLLIN
+        poll = ctypes.PyDLL(None).poll
+        poll.argtypes, poll.restype = [ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int], ctypes.c_int
+        poll(ctypes.byref(_PollFd(fd, 1, 0)), 1, timeout_ms)  # 1: POLLIN
 
 
 def _picklable(e: Exception) -> Exception:

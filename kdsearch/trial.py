@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from kdsearch.study import trial_seed
 from kdsearch.teacher import Teacher
 from kdsearch.timing_lock import timing_alone, training_epoch
 from kdsearch.trainer_pool import TrainerPool, Workload, train_locally
+
+_SEEDED_BUILD = threading.Lock()
 
 
 @dataclass
@@ -55,10 +58,9 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     timer = PhaseTimer(data.train.y.device)
     family, knobs, hp = sample_student(trial, cfg)
     seed = trial.user_attrs.get("seed", trial_seed(cfg.seed, trial.number))  # a baseline pair shares one seed
-    torch.manual_seed(seed)
     spec = student_spec(family, knobs, data.input_shape, data.num_classes)
     try:
-        model = build_student(spec)
+        model = seeded_student(spec, seed)
     except KdsearchError as e:  # before the trial's run exists: the reason goes on the trial
         trial.set_user_attr("fail_reason", str(e))
         raise
@@ -123,6 +125,14 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     if cfg.search.mode == "budget":
         return cost["val_acc"]
     return cost["val_acc"], cost["params"], cost["latency_ms"]
+
+
+def seeded_student(spec: StudentSpec, seed: int) -> torch.nn.Module:
+    """The student with the initial weights its seed gives, also while other threads build theirs (parallel
+    trials): torch's global generator is shared by them."""
+    with _SEEDED_BUILD:
+        torch.manual_seed(seed)
+        return build_student(spec)
 
 
 def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig, timer=None) -> dict:

@@ -84,7 +84,8 @@ def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
 
 
 def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
-    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({1}, torch.OutOfMemoryError("CUDA out of memory")))
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({1}, oom))
     assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]

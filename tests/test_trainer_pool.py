@@ -180,7 +180,8 @@ def test_a_study_runs_from_a_thread_and_with_several_training_threads_asked_for(
     from kdsearch.cli import main
 
     codes = []
-    args = ["--n-trials", "2", *fast(distill_epochs=2), "--set", "engine.parallel_trials=2", "--set", "engine.threads=4"]
+    args = ["--n-trials", "2", *fast(distill_epochs=2), "--set", "engine.parallel_trials=2",
+            "--set", "engine.threads=4"]
     thread = threading.Thread(target=lambda: codes.append(main(["run-study", *args])))
     thread.start()
     thread.join(timeout=300)
@@ -275,3 +276,46 @@ def test_a_trial_keeps_its_own_seeded_sampler_while_another_begins():
         return [first.suggest_float("x", 0.0, 1.0), first.suggest_float("y", 0.0, 1.0)]
 
     assert first_draws(True) == first_draws(False)
+
+
+def test_ctrl_c_stops_a_student_trained_here_after_its_epoch(ctx, pool):
+    class Local(torch.nn.Module):  # cannot be pickled, so it trains in this process
+        def __init__(self):
+            super().__init__()
+            self.net = student()
+
+        def forward(self, x):
+            return self.net(x)
+
+    seen = []
+
+    def on_epoch(epoch, loss, val_acc):
+        seen.append(epoch)
+        pool.close()  # what Ctrl-C does
+
+    with pytest.raises(KeyboardInterrupt):
+        pool.train(ctx, Local(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu")))
+    assert seen == [1]
+
+
+def test_students_built_in_parallel_threads_get_the_weights_of_their_seeds():
+    import threading
+
+    from kdsearch.models import StudentSpec
+    from kdsearch.trial import seeded_student
+
+    spec = StudentSpec("convnet", (1, 8, 8), 10, {"base_width": 8, "width": 1.0, "depth": 2})
+    expected = {seed: seeded_student(spec, seed).state_dict() for seed in range(40)}
+    wrong = []
+
+    def build(seeds):
+        for seed in seeds:
+            state = seeded_student(spec, seed).state_dict()
+            wrong.extend(seed for k, v in state.items() if not torch.equal(v, expected[seed][k]))
+
+    threads = [threading.Thread(target=build, args=(range(i, 40, 2),)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
