@@ -293,18 +293,7 @@ def _serve(conn, ours: list) -> None:
         work = _INHERITED or _recv(conn)
     except (EOFError, OSError):
         os._exit(0)
-    while True:
-        try:
-            task = conn.recv_bytes()
-        except (EOFError, OSError):
-            os._exit(0)
-        try:
-            model, settings = pickle.loads(task)
-            _send(conn, ("done", *_train_one(work, conn, model, settings)))
-        except _Stop:
-            _send(conn, ("stopped",))
-        except Exception as e:  # noqa: BLE001 - the parent's trial records it
-            _send(conn, ("error", _picklable(e)))
+    _answer_each(conn, lambda model, settings: _train_one(work, conn, model, settings))
 
 
 def _serve_timings(conn, ours: list) -> None:
@@ -312,20 +301,30 @@ def _serve_timings(conn, ours: list) -> None:
     first one reads about 0.3 s slow)."""
     _become_child(ours)
     _send(conn, "ready")
-    first = True
+    warm = []
+
+    def time_it(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> tuple[Latency]:
+        if not warm:
+            warm.append(time_forward(model, input_shape, cfg))
+        return (time_forward(model, input_shape, cfg),)
+
+    _answer_each(conn, time_it)
+
+
+def _answer_each(conn, handle) -> None:
+    """Answer each task the parent sends with ("done", *handle(*task)), until the parent goes away."""
     while True:
         try:
             task = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)
         try:
-            model, input_shape, cfg = pickle.loads(task)
-            if first:
-                time_forward(model, input_shape, cfg)
-                first = False
-            _send(conn, ("done", time_forward(model, input_shape, cfg)))
+            reply = ("done", *handle(*pickle.loads(task)))
+        except _Stop:
+            reply = ("stopped",)
         except Exception as e:  # noqa: BLE001 - the parent's trial records it
-            _send(conn, ("error", _picklable(e)))
+            reply = ("error", _picklable(e))
+        _send(conn, reply)
 
 
 def _train_one(work: Workload, conn, model: nn.Module, settings: TrainSettings) -> tuple[float, dict, dict]:
