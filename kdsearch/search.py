@@ -218,7 +218,6 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     the study holds `until_complete` complete ones), then write and log the report."""
     from kdsearch.report import report_study
 
-    processes = processes_for(cfg, resolve_device(device), 1 if until_complete else cfg.search.n_trials)
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
                            cache_dir=cache_dir, warm_start_from=warm_start_from)
     study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
@@ -231,6 +230,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "
           f"on {session.device}", flush=True)
     try:
+        processes = processes_for(cfg, session.device, 1 if until_complete else cfg.search.n_trials)
         with long_lived_objects_frozen(), trainer_pool(session.ctx, processes) as at_once:
             if until_complete:
                 run_until_complete(session, until_complete, callbacks, failures)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 GATE = Path(tempfile.gettempdir()) / "kdsearch-latency-gate.lock"
 ROOM = Path(tempfile.gettempdir()) / "kdsearch-latency.lock"
-_state = threading.local()  # per thread: a thread that trains must wait for another thread's timing
-_state.timing, _state.in_epoch = 0, False  # how deep inside `timing_alone`; whether inside `training_epoch`
+# Per thread (a thread that trains must wait for another thread's timing): `timing`, how deep inside `timing_alone`;
+# `in_epoch`, whether inside `training_epoch`. Unset reads as 0.
+_state = threading.local()
 
 
 def _get(name: str):

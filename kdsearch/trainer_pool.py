@@ -74,6 +74,7 @@ class TrainerPool:
     until the student is trained, `time_latency` times an architecture in the timing process."""
 
     def __init__(self, work: Workload, size: int):
+        self._work = work  # for the students that train here
         self._procs: list = []
         self._free: queue.Queue = queue.Queue()
         self._timer, self._timer_lock = None, threading.Lock()
@@ -122,7 +123,7 @@ class TrainerPool:
         self._procs = [proc for proc, _ in started]
         return [mine for _, mine in started]
 
-    def train(self, ctx, model: nn.Module, settings: TrainSettings, on_epoch, timer: PhaseTimer) -> float:
+    def train(self, model: nn.Module, settings: TrainSettings, on_epoch, timer: PhaseTimer) -> float:
         """Train `model` in a pooled process (in place, as `distill.train` does); return the final val_acc. A
         student that cannot be pickled (a class defined inside a user's builder) trains in this process."""
         if self.closing:
@@ -130,11 +131,11 @@ class TrainerPool:
         try:
             task = pickle.dumps((model, settings))
         except Exception:  # noqa: BLE001 - pickling raises many kinds
-            return train_locally(Workload.of(ctx), model, settings, self._stoppable(on_epoch), timer)
+            return train_locally(self._work, model, settings, self._stoppable(on_epoch), timer)
         conn = self._free.get()
         if conn is _IN_PARENT:
             self._free.put(_IN_PARENT)
-            return train_locally(Workload.of(ctx), model, settings, self._stoppable(on_epoch), timer)
+            return train_locally(self._work, model, settings, self._stoppable(on_epoch), timer)
         try:
             return self._train_on(conn, task, model, on_epoch, timer)
         except (EOFError, OSError) as e:

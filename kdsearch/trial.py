@@ -211,7 +211,7 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
 
     try:
         if ctx.pool is not None:
-            return ctx.pool.train(ctx, model, settings, log_epoch, timer)
+            return ctx.pool.train(model, settings, log_epoch, timer)
         return train_locally(Workload.of(ctx), model, settings, log_epoch, timer)
     finally:  # once, however training ends: the pruner reads it from finished trials only (MLflow has each epoch)
         with timer("tracking"):

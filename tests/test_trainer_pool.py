@@ -41,7 +41,7 @@ def test_a_backward_pass_here_does_not_stop_the_processes_training(ctx):
     loss.backward()
     pool = TrainerPool(Workload.of(ctx), size=1)
     try:
-        assert pool.train(ctx, student(), SETTINGS, lambda *a: None, PhaseTimer(torch.device("cpu"))) > 0.5
+        assert pool.train(student(), SETTINGS, lambda *a: None, PhaseTimer(torch.device("cpu"))) > 0.5
     finally:
         pool.close()
 
@@ -79,7 +79,7 @@ def test_a_pooled_student_is_the_student_trained_here(ctx, pool):
     val_here = train_locally(Workload.of(ctx), here, SETTINGS, on_epoch_here, PhaseTimer(torch.device("cpu")))
     timer = PhaseTimer(torch.device("cpu"))
     with timer("train"):
-        val_pooled = pool.train(ctx, pooled, SETTINGS, on_epoch_pooled, timer)
+        val_pooled = pool.train(pooled, SETTINGS, on_epoch_pooled, timer)
     assert val_pooled == val_here and seen_pooled == seen_here and [e for e, _, _ in seen_here] == [1, 2, 3]
     for name, tensor in here.state_dict().items():
         assert torch.equal(pooled.state_dict()[name], tensor), name
@@ -96,12 +96,12 @@ def test_a_stopped_or_failed_trial_leaves_its_process_ready_for_the_next(ctx, po
 
     for _ in range(3):  # a process that never came back would block the fourth call for ever
         with pytest.raises(Pruned, match="epoch 1"):
-            pool.train(ctx, student(), SETTINGS, stop_after_first, PhaseTimer(torch.device("cpu")))
+            pool.train(student(), SETTINGS, stop_after_first, PhaseTimer(torch.device("cpu")))
     diverging = TrainSettings(epochs=2, lr=1e9, batch_size=64, alpha=0.5, temperature=4.0)
     with pytest.raises(DivergedError, match="training loss became"):  # the trial's fail_reason names the type
-        pool.train(ctx, student(), diverging, lambda *a: None, PhaseTimer(torch.device("cpu")))
+        pool.train(student(), diverging, lambda *a: None, PhaseTimer(torch.device("cpu")))
     seen, on_epoch = recorder()
-    assert pool.train(ctx, student(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5
+    assert pool.train(student(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5
     assert len(seen) == 3
 
 
@@ -112,9 +112,9 @@ def test_a_killed_process_fails_its_trial_and_the_next_trains_here(ctx, pool):
             proc.join()
 
     with pytest.raises(RuntimeError, match="the process training this student died"):
-        pool.train(ctx, student(), SETTINGS, kill_it, PhaseTimer(torch.device("cpu")))
+        pool.train(student(), SETTINGS, kill_it, PhaseTimer(torch.device("cpu")))
     seen, on_epoch = recorder()
-    assert pool.train(ctx, student(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5
+    assert pool.train(student(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5
     assert len(seen) == 3
 
 
@@ -159,7 +159,7 @@ def test_a_student_that_cannot_be_pickled_trains_here(ctx, pool):
             return self.net(x)
 
     seen, on_epoch = recorder()
-    assert pool.train(ctx, Local(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5 and len(seen) == 3
+    assert pool.train(Local(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu"))) > 0.5 and len(seen) == 3
 
 
 def test_a_fresh_process_is_started_only_where_it_would_not_run_a_script_again(monkeypatch):
@@ -294,7 +294,7 @@ def test_ctrl_c_stops_a_student_trained_here_after_its_epoch(ctx, pool):
         pool.close()  # what Ctrl-C does
 
     with pytest.raises(KeyboardInterrupt):
-        pool.train(ctx, Local(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu")))
+        pool.train(Local(), SETTINGS, on_epoch, PhaseTimer(torch.device("cpu")))
     assert seen == [1]
 
 
