@@ -47,6 +47,10 @@ RESERVED_KNOBS = ("arch", "family", "temperature", "alpha", "lr", "seed", "epoch
                   "label_smoothing")
 
 
+class IntOrRange(int):
+    """An integer, or an int range `[low, high]` to search."""
+
+
 class Knobs(dict):
     """A user builder's knobs: `name = [low, high]` is searched, a list of strings is a choice, a scalar is fixed."""
 
@@ -109,7 +113,7 @@ class StudentConfig:
     base_width: int = 8  # channels of the first stage at width multiplier 1
     width: Range = Range((0.25, 2.0))  # channel multiplier, sampled on a log scale
     depth: IntRange = IntRange((1, 3))
-    convs_per_stage: int = 1
+    convs_per_stage: IntOrRange = 1  # or a range [low, high] to search
     separable: SeparableConfig = field(default_factory=SeparableConfig)
     resnet: ResnetConfig = field(default_factory=ResnetConfig)
     custom: Knobs = field(default_factory=Knobs)  # a user builder's knobs
@@ -243,6 +247,8 @@ def _convert(kind: type, value: Any, where: str, key: str) -> Any:
         return _families(value, where, key)
     if kind is Knobs:
         return _knobs(value, where, key)
+    if kind is IntOrRange:
+        return _convert(IntRange if isinstance(value, list) else int, value, where, key)
     if kind in (Range, IntRange):
         scalar = float if kind is Range else int
         if not (isinstance(value, list) and len(value) == 2):
@@ -313,7 +319,7 @@ def check_values(c: StudyConfig, where: str) -> None:
         "teacher.convs_per_stage": c.teacher.convs_per_stage, "teacher.batch_size": c.teacher.batch_size,
         "teacher.lr": c.teacher.lr, "student.base_width": c.student.base_width,
         "student.width": c.student.width[0], "student.depth": c.student.depth[0],
-        "student.convs_per_stage": c.student.convs_per_stage, "distill.temperature": c.distill.temperature[0],
+        "student.convs_per_stage": _low(c.student.convs_per_stage), "distill.temperature": c.distill.temperature[0],
         "distill.lr": c.distill.lr[0], "distill.epochs": c.distill.epochs,
         "distill.batch_size": c.distill.batch_size, "search.n_trials": c.search.n_trials,
         "latency.threads": c.latency.threads, "latency.batch_size": c.latency.batch_size,
@@ -364,6 +370,10 @@ def check_values(c: StudyConfig, where: str) -> None:
                             "(float16 with a cuda latency.device)")
     if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
         raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")
+
+
+def _low(value: int | IntRange) -> int:
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _check_families(c: StudyConfig, where: str) -> None:

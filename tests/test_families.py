@@ -152,6 +152,24 @@ def test_a_single_family_keeps_its_plain_knob_names():
     assert sorted(search_space(StudyConfig())) == ["alpha", "depth", "lr", "temperature", "width"]
 
 
+def test_convs_per_stage_is_searched_when_given_a_range(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[student]\nconvs_per_stage = [1, 3]\n")
+    cfg = load_study(path)
+    assert search_space(cfg)["convs_per_stage"] == (1, 3)
+    assert middle_params(cfg, "convnet")["convs_per_stage"] == 2
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        _, knobs, _ = sample_student(study.ask(), cfg)
+        model = build_student(StudentSpec("convnet", (1, 8, 8), 10, knobs))
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == knobs["depth"] * knobs["convs_per_stage"]
+        seen.add(knobs["convs_per_stage"])
+    assert seen == {1, 2, 3}
+    fixed = load_study(path, ["student.convs_per_stage=2"])  # a plain integer stays fixed, as before
+    assert "convs_per_stage" not in search_space(fixed)
+
+
 def test_warm_start_accepts_only_a_familys_own_knobs_within_range():
     cfg = mixed_config()
     good = {**middle_params(cfg, "resnet"), "temperature": 4.0, "alpha": 0.5, "lr": 0.05}
