@@ -248,7 +248,12 @@ def _convert(kind: type, value: Any, where: str, key: str) -> Any:
     if kind is Knobs:
         return _knobs(value, where, key)
     if kind is IntOrRange:
-        return _convert(IntRange if isinstance(value, list) else int, value, where, key)
+        if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+            return _convert(IntRange, value, where, key)
+        if type(value) is not int:
+            raise KdsearchError(f"{where}: {key} = {value!r}: expected an integer or an integer range [low, high], "
+                                "e.g. 2 or [1, 3]")
+        return value
     if kind in (Range, IntRange):
         scalar = float if kind is Range else int
         if not (isinstance(value, list) and len(value) == 2):

@@ -139,7 +139,8 @@ def middle_params(cfg: StudyConfig, family: str) -> dict:
 
 def middle_knobs(cfg: StudyConfig, family: str) -> dict:
     """The knobs (fixed ones included) of `family`'s mid-sized student."""
-    params = {**middle_params(cfg, family), "temperature": 1.0, "alpha": 0.0, "lr": 0.1}
+    d = cfg.distill  # the distillation knobs are not used: any value inside the study's ranges will do
+    params = {**middle_params(cfg, family), "temperature": d.temperature[0], "alpha": d.alpha[0], "lr": d.lr[0]}
     return sample_student(optuna.trial.FixedTrial(params), cfg)[1]
 
 

@@ -38,6 +38,11 @@ def run_cli(capsys, *args):
     (GOOD + "[search]\nn_trials = \"many\"\n", "search.n_trials = 'many': expected an integer"),
     (GOOD + "[search]\nn_trials = 0\n", "search.n_trials = 0 must be above 0"),
     (GOOD + "[distil]\nepochs = 3\n", "unknown key 'distil': did you mean 'distill'?"),
+    (GOOD + "[student]\nconvs_per_stage = [1.5, 2]\n",
+     "student.convs_per_stage = [1.5, 2]: expected an integer or an integer range [low, high], e.g. 2 or [1, 3]"),
+    (GOOD + "[student]\nconvs_per_stage = [2]\n", "student.convs_per_stage = [2]: expected an integer or an integer"),
+    (GOOD + "[student]\nconvs_per_stage = [3, 1]\n", "student.convs_per_stage = [3, 1]: low is above high"),
+    (GOOD + "[student]\nconvs_per_stage = [0, 2]\n", "student.convs_per_stage = 0 must be above 0"),
     (GOOD + "[search]\nheartbeat_interval = 30\ngrace_period = 30\n",
      "search.grace_period = 30 must exceed search.heartbeat_interval = 30"),
 ])
