@@ -1,0 +1,67 @@
+"""Distil one hand-picked student against a study's cached teacher and print its validation and test accuracy: a
+quick look at a student before putting its family or range into a study file.
+
+    python benchmarks/train_one.py convnet '{"base_width": 8, "width": 1, "depth": 2, "convs_per_stage": 3,
+        "channel_multiple": 4}' --study mnist --set data.data_dir='../shared/data' --epochs 12 --augment crop
+
+Prints each epoch's loss and val_acc, then the student's parameters, val_acc, test_acc and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from common import CACHE, study_config
+
+from kdsearch.data import load_dataset
+from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
+from kdsearch.engine import configure_cpu, prepare_model
+from kdsearch.measure import count_params
+from kdsearch.models import build_student
+from kdsearch.students import student_spec
+from kdsearch.teacher import get_teacher
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("family", help="convnet, separable, resnet or package.module:function")
+    parser.add_argument("knobs", help="the family's knobs as JSON")
+    parser.add_argument("--study", default="digits")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--augment", default="none", help="none, crop or crop-flip (the teacher then runs per batch)")
+    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="0: every core")
+    args = parser.parse_args()
+    configure_cpu(args.threads or None)
+    cfg = study_config(args.study, args.set)
+    data = load_dataset(cfg.data, cfg.seed)
+    teacher = get_teacher(cfg, data, torch.device("cpu"), Path(CACHE))
+    normalize = Normalizer(data.mean, data.std, "cpu")
+    torch.manual_seed(args.seed)
+    spec = student_spec(args.family, json.loads(args.knobs), data.input_shape, data.num_classes)
+    model = prepare_model(build_student(spec), torch.device("cpu"))
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, batch_size=cfg.distill.batch_size,
+                             weight_decay=cfg.distill.weight_decay, temperature=args.temperature, alpha=args.alpha,
+                             seed=args.seed, augment=args.augment)
+    started = time.perf_counter()
+
+    def show(epoch: int, loss: float, val_acc: float) -> None:
+        print(f"epoch {epoch}: loss {loss:.3f} val_acc {val_acc:.4f} ({time.perf_counter() - started:.0f} s)",
+              flush=True)
+
+    targets = teacher.train_logits if args.augment == "none" else teacher.model
+    val_acc = train(model, data.train, data.val, normalize, settings, targets, on_epoch=show)
+    print(f"{args.family} {count_params(model):,} parameters: val_acc {val_acc:.4f} "
+          f"test_acc {accuracy(model, data.test, normalize):.4f} ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
