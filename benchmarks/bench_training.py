@@ -15,17 +15,14 @@ import dataclasses
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import CACHE, study_config
+from common import cpu_distillation
 
-from kdsearch.data import load_dataset
-from kdsearch.distill import Normalizer, TrainSettings, train
+from kdsearch.distill import TrainSettings, train
 from kdsearch.engine import configure_cpu, prepare_model
 from kdsearch.models import build_student
 from kdsearch.students import TRAINING_DEFAULTS, middle_knobs, student_spec
-from kdsearch.teacher import get_teacher
 
 OTHER = {"schedule": {"cosine": "warmup-cosine", "warmup-cosine": "cosine"},
          "decay_norms": {True: False, False: True}, "label_smoothing": {0.0: 0.1, 0.1: 0.0}}
@@ -51,10 +48,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     configure_cpu()
-    cfg = study_config(args.study, args.set)
-    data = load_dataset(cfg.data, cfg.seed)
-    teacher = get_teacher(cfg, data, torch.device("cpu"), Path(CACHE))
-    normalize = Normalizer(data.mean, data.std, "cpu")
+    cfg, data, teacher, normalize = cpu_distillation(args.study, args.set)
     print(f"{args.study}: {cfg.distill.epochs} epochs, seeds {args.seeds}, teacher val_acc "
           f"{teacher.metrics['val_acc']:.4f}", flush=True)
     for family in args.families:

@@ -23,6 +23,20 @@ def study_config(name: str, overrides: list[str]) -> StudyConfig:
     return load_study(ROOT / "studies" / f"{name}.toml", overrides)
 
 
+def cpu_distillation(study: str, overrides: list[str]):
+    """A study's config, data, cached teacher and normalizer on the CPU, for benchmarks that train students by hand."""
+    import torch
+
+    from kdsearch.data import load_dataset
+    from kdsearch.distill import Normalizer
+    from kdsearch.teacher import get_teacher
+
+    cfg = study_config(study, overrides)
+    data = load_dataset(cfg.data, cfg.seed)
+    teacher = get_teacher(cfg, data, torch.device("cpu"), Path(CACHE))
+    return cfg, data, teacher, Normalizer(data.mean, data.std, "cpu")
+
+
 def quiet() -> None:
     import logging
 

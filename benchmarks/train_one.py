@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
-from common import CACHE, study_config
+from common import cpu_distillation
 
-from kdsearch.data import load_dataset
-from kdsearch.distill import Normalizer, TrainSettings, accuracy, train
+from kdsearch.distill import TrainSettings, accuracy, train
 from kdsearch.engine import configure_cpu, prepare_model
 from kdsearch.measure import count_params
 from kdsearch.models import build_student
 from kdsearch.students import student_spec
-from kdsearch.teacher import get_teacher
 
 
 def main() -> None:
@@ -41,10 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: every core")
     args = parser.parse_args()
     configure_cpu(args.threads or None)
-    cfg = study_config(args.study, args.set)
-    data = load_dataset(cfg.data, cfg.seed)
-    teacher = get_teacher(cfg, data, torch.device("cpu"), Path(CACHE))
-    normalize = Normalizer(data.mean, data.std, "cpu")
+    cfg, data, teacher, normalize = cpu_distillation(args.study, args.set)
     torch.manual_seed(args.seed)
     spec = student_spec(args.family, json.loads(args.knobs), data.input_shape, data.num_classes)
     model = prepare_model(build_student(spec), torch.device("cpu"))
