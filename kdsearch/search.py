@@ -267,7 +267,7 @@ def run_trials(session: Session, at_once: int, callbacks: list, failures) -> Non
             left[0] -= 1
             return True
 
-    def work() -> None:
+    def work(done: threading.Event) -> None:
         try:
             while take():
                 study.optimize(lambda trial: objective(session.ctx, trial), n_trials=1, catch=(Exception,),
@@ -277,20 +277,24 @@ def run_trials(session: Session, at_once: int, callbacks: list, failures) -> Non
         except Exception as e:  # noqa: BLE001 - raised again in the main thread
             errors.append(e)
             interrupted.set()
+        finally:
+            done.set()
 
-    threads = [threading.Thread(target=work, name=f"kdsearch-trials-{i}", daemon=True) for i in range(at_once)]
+    # Waited for through events, not `Thread.join`: before Python 3.13 a join that Ctrl-C interrupts can mark its
+    # thread ended while it still runs (CPython gh-90882), and the trial it was ending was then left RUNNING.
+    dones = [threading.Event() for _ in range(at_once)]
     with one_ask_at_a_time(study):
-        for thread in threads:
-            thread.start()
+        for i, done in enumerate(dones):
+            threading.Thread(target=work, args=(done,), name=f"kdsearch-trials-{i}", daemon=True).start()
         try:
-            for thread in threads:
-                thread.join()
+            for done in dones:
+                done.wait()
         except KeyboardInterrupt:  # the threads end their trials as interrupted once the processes are stopped
             interrupted.set()
             if session.ctx.pool is not None:
                 session.ctx.pool.close()
-            for thread in threads:
-                thread.join(timeout=60)
+            for done in dones:
+                done.wait(timeout=60)
             raise
     if errors:
         raise errors[0]
