@@ -37,6 +37,14 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _with_integer_knobs(df: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
+    """Integer knobs as integers: where families mix, a knob is empty in the other families' rows, and pandas would
+    write its whole column as floats (depth 3.0)."""
+    ints = {name for t in study.get_trials(deepcopy=False) for name, d in t.distributions.items()
+            if isinstance(d, optuna.distributions.IntDistribution)}
+    return df.astype({c: "Int64" for c in df.columns if c in ints})
+
+
 def front_2d(df: pd.DataFrame, x: str) -> pd.DataFrame:
     """Rows that no other row beats on both val_acc (higher) and `x` (lower): the staircase drawn in each panel."""
     d = df.sort_values([x, "val_acc"], ascending=[True, False])
@@ -56,7 +64,7 @@ def write_report(study: optuna.Study, out_dir: Path, importance: dict | None = N
     importance = param_importances(study) if importance is None else importance
     paths = [out_dir / "pareto.csv", out_dir / "pareto.html", out_dir / "pareto.png", out_dir / "search.html",
              out_dir / "kd_gain.json", out_dir / "importance.json"]
-    front.drop(columns=["pareto"], errors="ignore").to_csv(paths[0], index=False)
+    _with_integer_knobs(front.drop(columns=["pareto"], errors="ignore"), study).to_csv(paths[0], index=False)
     figures = [_plotly_figure(df, teacher, study.study_name)] + ([_importance_figure(importance)] if importance else [])
     paths[1].write_text(_page(study.study_name, figures))
     _matplotlib_figure(df, teacher, study.study_name, paths[2])

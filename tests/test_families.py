@@ -280,6 +280,9 @@ def test_every_family_trains_reports_and_exports(mixed_study):
         assert t.user_attrs["params"] > 0 and t.user_attrs["latency_ms"] > 0 and 0 <= t.values[0] <= 1
     front = pd.read_csv(mixed_study / "reports" / "digits" / "pareto.csv")
     assert set(front["family"]) <= {"convnet", "separable", "resnet"} and len(front)
+    written = pd.read_csv(mixed_study / "reports" / "digits" / "pareto.csv", dtype=str, keep_default_na=False)
+    depths = [v for c in written if c.endswith(".depth") or c.endswith(".blocks") for v in written[c] if v]
+    assert depths and all(v.isdigit() for v in depths), depths  # not 3.0: the other families' rows are empty
     gains = json.loads((mixed_study / "reports" / "digits" / "kd_gain.json").read_text())
     assert sorted(gains) == ["convnet", "resnet", "separable"]
     for family, gain in gains.items():
