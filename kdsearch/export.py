@@ -92,7 +92,7 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), str(paths["onnx"]), input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=batch, external_data=False)
+                              output_names=["logits"], dynamic_shapes=batch, external_data=False, verbose=False)
     except Exception as e:
         raise KdsearchError(f"trial {trial.number}'s student ({spec.family}) cannot be exported with torch.export "
                             f"({first_line(e)}): keep its forward free of data-dependent Python control flow") from None

@@ -27,8 +27,9 @@ def test_choose_trial_picks_the_most_accurate_within_the_bound(study_folder):
         choose_trial(study, trial=99)
 
 
-def test_exported_files_predict_like_the_student(study_folder):
+def test_exported_files_predict_like_the_student(study_folder, capsys):
     card = export_matches_student(study_folder, "digits", 2)
+    assert "[torch.onnx]" not in capsys.readouterr().out  # the exporter's progress lines are not the user's concern
     trial = optuna.load_study(study_name="digits", storage=f"sqlite:///{study_folder}/optuna.db").trials[2]
     assert (card["trial"], card["params"], card["val_acc"]) == (2, trial.user_attrs["params"], trial.values[0])
     assert card["family"] == "convnet" and card["channels"] == trial.user_attrs["channels"]
