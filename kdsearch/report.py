@@ -15,6 +15,7 @@ import plotly.io as pio
 from mlflow import MlflowClient
 
 from kdsearch.figures import hypervolume_history, hypervolume_reference, kd_gains, study_hypervolume
+from kdsearch.students import SHARED
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -80,20 +81,53 @@ def write_report(study: optuna.Study, out_dir: Path, importance: dict | None = N
 
 def param_importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     """For each objective separately, how much each sampled knob explains of it over the complete trials
-    (Optuna's fANOVA evaluator, seeded): {objective: {knob: share}}, shares summing to 1. Empty with fewer than
-    three complete trials."""
+    (Optuna's fANOVA evaluator, seeded): {objective: {knob: share}}, shares summing to 1. The size and latency
+    objectives are weighed over the architecture's knobs only: T, alpha and lr cannot change them, and with a few
+    trials fANOVA credited them by chance. Where families mix, each family's trials get their own shares (summing
+    to 1 per family), its knobs named `family.knob`: over all trials fANOVA could only weigh the knobs every trial
+    has. A family (or study) with fewer than three complete trials is left out."""
     complete = study.get_trials(deepcopy=False, states=[COMPLETE])
-    if len(complete) < 3:
+    family_of = {t.number: t.user_attrs.get("family", "convnet") for t in complete}
+    families = sorted(set(family_of.values()))
+    if len(families) < 2:
+        return _importances(study, complete)
+    out: dict[str, dict[str, float]] = {}
+    for family in families:
+        for objective, shares in _importances(study, [t for t in complete if family_of[t.number] == family]).items():
+            out.setdefault(objective, {}).update(
+                {k if k.startswith(f"{family}.") else f"{family}.{k}": v for k, v in shares.items()})
+    return out
+
+
+def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float]]:
+    """fANOVA shares per objective over `trials` (of `study`), for the knobs that vary among them."""
+    if len(trials) < 3:
         return {}
+    knobs = sorted(k for k in trials[0].params if len({repr(t.params.get(k)) for t in trials}) > 1
+                   and all(k in t.params for t in trials))
+    if not knobs:
+        return {}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the in-memory study's "created" line
+    try:
+        subset = optuna.create_study(directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    subset.add_trials(trials)
     names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     out = {}
     for i, name in enumerate(names):
-        try:
-            out[name] = optuna.importance.get_param_importances(
-                study, target=lambda t, i=i: t.values[i], evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-        except (ValueError, RuntimeError):  # e.g. no knob varies over the complete trials
+        weighed = [k for k in knobs if k not in SHARED] if name in ("params", "latency_ms") else knobs
+        if not weighed:
             continue
-    return {name: {k: float(v) for k, v in shares.items()} for name, shares in out.items()}
+        try:
+            shares = optuna.importance.get_param_importances(
+                subset, params=weighed, target=lambda t, i=i: t.values[i],
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (ValueError, RuntimeError):  # e.g. an objective that does not vary
+            continue
+        out[name] = {k: float(v) for k, v in shares.items()}
+    return out
 
 
 def _importance_figure(importance: dict):
