@@ -83,20 +83,39 @@ def param_importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     """For each objective separately, how much each sampled knob explains of it over the complete trials
     (Optuna's fANOVA evaluator, seeded): {objective: {knob: share}}, shares summing to 1. The size and latency
     objectives are weighed over the architecture's knobs only: T, alpha and lr cannot change them, and with a few
-    trials fANOVA credited them by chance. Where families mix, each family's trials get their own shares (summing
-    to 1 per family), its knobs named `family.knob`: over all trials fANOVA could only weigh the knobs every trial
-    has. A family (or study) with fewer than three complete trials is left out."""
+    trials fANOVA credited them by chance.
+
+    Where families mix, fANOVA over all trials could weigh only the knobs every trial has. So `arch` is the share of
+    the objective's variance that lies between the families, and each family's trials get their own fANOVA shares
+    of the rest (summing to 1 per family), its knobs named `family.knob`. A family (or study) with fewer than
+    three complete trials is left out."""
     complete = study.get_trials(deepcopy=False, states=[COMPLETE])
-    family_of = {t.number: t.user_attrs.get("family", "convnet") for t in complete}
-    families = sorted(set(family_of.values()))
-    if len(families) < 2:
+    if not any("arch" in t.params for t in complete):
         return _importances(study, complete)
+    by_family: dict[str, list] = {}
+    for t in complete:
+        by_family.setdefault(t.params.get("arch", t.user_attrs.get("family")), []).append(t)
     out: dict[str, dict[str, float]] = {}
-    for family in families:
-        for objective, shares in _importances(study, [t for t in complete if family_of[t.number] == family]).items():
+    for i, objective in enumerate(_objective_names(study)):
+        if len(by_family) > 1:
+            out[objective] = {"arch": _between_share([[t.values[i] for t in ts] for ts in by_family.values()])}
+    for family, trials in sorted(by_family.items()):
+        for objective, shares in _importances(study, trials).items():
             out.setdefault(objective, {}).update(
                 {k if k.startswith(f"{family}.") else f"{family}.{k}": v for k, v in shares.items()})
     return out
+
+
+def _between_share(groups: list[list[float]]) -> float:
+    """The share of the values' variance that lies between the groups' means (one-way ANOVA's eta squared)."""
+    values = np.concatenate([np.asarray(g, dtype=float) for g in groups])
+    total = float(((values - values.mean()) ** 2).sum())
+    between = sum(len(g) * (float(np.mean(g)) - values.mean()) ** 2 for g in groups)
+    return between / total if total > 0 else 0.0
+
+
+def _objective_names(study: optuna.Study) -> list[str]:
+    return study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
 
 
 def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float]]:
@@ -114,9 +133,8 @@ def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float
     finally:
         optuna.logging.set_verbosity(verbosity)
     subset.add_trials(trials)
-    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
     out = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(_objective_names(study)):
         weighed = [k for k in knobs if k not in SHARED] if name in ("params", "latency_ms") else knobs
         if not weighed:
             continue
@@ -141,9 +159,27 @@ def _importance_figure(importance: dict):
     return fig
 
 
-def importance_line(importance: dict) -> str:
-    return "; ".join(f"{objective}: " + ", ".join(f"{k} {v:.2f}" for k, v in list(shares.items())[:3])
-                     for objective, shares in importance.items())
+def importance_line(importance: dict, study: optuna.Study) -> str:
+    """Each objective's three largest shares; where families mix, `arch` and then each family's own, with how many
+    trials it was weighed over (a family with fewer than three complete trials is named as left out)."""
+    def top(shares: dict) -> str:
+        return ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])[:3])
+
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
+        if "arch" in t.params:
+            counts[t.params["arch"]] = counts.get(t.params["arch"], 0) + 1
+    parts = []
+    for objective, shares in importance.items():
+        if not counts:
+            parts.append(f"{objective}: {top(shares)}")
+            continue
+        text = [f"arch {shares['arch']:.2f}"] if "arch" in shares else []
+        for family, n in sorted(counts.items()):
+            own = {k.split(".", 1)[1]: v for k, v in shares.items() if k.startswith(f"{family}.")}
+            text.append(f"{family} ({n} trials) {top(own)}" if own else f"{family} ({n} trials) left out")
+        parts.append(f"{objective}: " + "; ".join(text))
+    return " | ".join(parts)
 
 
 def _page(title: str, figures: list) -> str:
@@ -218,6 +254,8 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
         from kdsearch.tracking import log_values
 
         shares = {f"importance.{objective}.{knob}": v for objective, s in importance.items() for knob, v in s.items()}
+        stale = [k for k in client.get_run(run_id).data.metrics if k.startswith("importance.") and k not in shares]
+        shares.update(dict.fromkeys(stale, float("nan")))  # an earlier report's knob that no longer has a share
         log_values(client, run_id, metrics={**{k: v for k, v in summary.items() if v is not None}, **shares})
     print(f"Pareto front of '{study.study_name}': {len(front)} of {summary['complete_trials']} complete trials "
           f"({summary['pruned_trials']} pruned, {summary['failed_trials']} failed)")
@@ -232,7 +270,7 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
         print(kd_gain_line(gain))
     if importance:
         print(f"what drives each objective (fANOVA importance over {summary['complete_trials']} complete trials; "
-              f"few trials make it noisy): {importance_line(importance)}")
+              f"few trials make it noisy): {importance_line(importance, study)}")
     print(f"report: {paths[1]} ({', '.join(p.name for p in paths if p != paths[1])})")
     return front
 

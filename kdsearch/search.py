@@ -293,8 +293,9 @@ def run_trials(session: Session, at_once: int, callbacks: list, failures) -> Non
             interrupted.set()
             if session.ctx.pool is not None:
                 session.ctx.pool.close()
+            stop_waiting = time.time() + 60  # the threads end together once the processes are gone
             for done in dones:
-                done.wait(timeout=60)
+                done.wait(timeout=max(0.0, stop_waiting - time.time()))
             raise
     if errors:
         raise errors[0]

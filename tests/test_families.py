@@ -17,6 +17,7 @@ from kdsearch.config import StudyConfig, load_study
 from kdsearch.distill import TrainSettings, kd_loss, make_optimizer
 from kdsearch.measure import count_flops, count_params
 from kdsearch.models import StudentSpec, build_student, resnet, separable
+from kdsearch.report import importance_line
 from kdsearch.students import SHARED, family_params, middle_params, params_in_space, sample_student, search_space
 from kdsearch.study import make_sampler
 
@@ -284,9 +285,12 @@ def test_every_family_trains_reports_and_exports(mixed_study):
     depths = [v for c in written if c.endswith(".depth") or c.endswith(".blocks") for v in written[c] if v]
     assert depths and all(v.isdigit() for v in depths), depths  # not 3.0: the other families' rows are empty
     importance = json.loads((mixed_study / "reports" / "digits" / "importance.json").read_text())
-    assert importance and all(k.split(".")[0] in {"convnet", "separable", "resnet"}  # each family weighed alone
-                              for shares in importance.values() for k in shares)
-    assert not [k for o in ("params", "latency_ms") for k in importance.get(o, {}) if k.split(".")[1] in SHARED]
+    for shares in importance.values():  # the families' split of the variance, then each family weighed alone
+        assert 0 <= shares["arch"] <= 1
+        assert all(k.split(".")[0] in {"convnet", "separable", "resnet"} for k in shares if k != "arch")
+    assert not [k for o in ("params", "latency_ms") for k in importance[o] if k != "arch" and k.split(".")[1] in SHARED]
+    line = importance_line(importance, study)  # every family named, with its trials, even one left out
+    assert all(f"{f} ({sum(t.params['arch'] == f for t in done)} trials)" in line for f in ("convnet", "resnet"))
     gains = json.loads((mixed_study / "reports" / "digits" / "kd_gain.json").read_text())
     assert sorted(gains) == ["convnet", "resnet", "separable"]
     for family, gain in gains.items():

@@ -1,6 +1,7 @@
 """A new study may start from an earlier study's front; parameter importance per objective in the report."""
 
 import json
+import math
 
 import optuna
 from helpers import fast
@@ -47,4 +48,7 @@ def test_importance_per_objective_in_the_report_and_the_study_run(workdir):
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     run = client.get_run(load(workdir, "digits").user_attrs["mlflow_run_id"])
     assert run.data.metrics["importance.params.width"] == importance["params"]["width"]
+    client.log_metric(run.info.run_id, "importance.params.lr", 0.4)  # as reports before T was left out of size
+    assert main(["report"]) == 0
+    assert math.isnan(client.get_run(run.info.run_id).data.metrics["importance.params.lr"])  # not left standing
     assert (workdir / "reports" / "digits" / "search.png").is_file()
