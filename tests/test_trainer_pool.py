@@ -319,3 +319,30 @@ def test_students_built_in_parallel_threads_get_the_weights_of_their_seeds():
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
+    """Ctrl-C reaches the main thread while it waits for the trial threads: it waits again until each trial has
+    ended (recorded), however the interrupted wait left the threads (CPython gh-90882: an interrupted
+    Thread.join marked a running thread ended, and its trial stayed RUNNING)."""
+    import threading
+
+    from kdsearch import search
+
+    ended = []
+
+    def slow_objective(ctx, trial):  # still ending its trial when the Ctrl-C arrives; the first thread longest
+        time.sleep(2.5 if threading.current_thread().name.endswith("-0") else 1.0)
+        ended.append(trial.number)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "objective", slow_objective)
+    study = optuna.create_study(directions=["maximize"])
+    cfg = SimpleNamespace(search=SimpleNamespace(n_trials=2, timeout=0))
+    session = SimpleNamespace(study=study, ctx=SimpleNamespace(cfg=cfg, pool=None))
+    main_thread = threading.main_thread().ident
+    threading.Timer(0.5, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        search.run_trials(session, 2, [], SimpleNamespace(reason=None))
+    assert sorted(ended) == [0, 1]
+    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]
