@@ -111,7 +111,7 @@ def _between_share(groups: list[list[float]]) -> float:
     values = np.concatenate([np.asarray(g, dtype=float) for g in groups])
     total = float(((values - values.mean()) ** 2).sum())
     between = sum(len(g) * (float(np.mean(g)) - values.mean()) ** 2 for g in groups)
-    return between / total if total > 0 else 0.0
+    return float(between / total) if total > 0 else 0.0
 
 
 def _objective_names(study: optuna.Study) -> list[str]:
@@ -176,7 +176,7 @@ def importance_line(importance: dict, study: optuna.Study) -> str:
             continue
         text = [f"arch {shares['arch']:.2f}"] if "arch" in shares else []
         for family, n in sorted(counts.items()):
-            own = {k.split(".", 1)[1]: v for k, v in shares.items() if k.startswith(f"{family}.")}
+            own = {k[len(family) + 1:]: v for k, v in shares.items() if k.startswith(f"{family}.")}  # may hold dots
             text.append(f"{family} ({n} trials) {top(own)}" if own else f"{family} ({n} trials) left out")
         parts.append(f"{objective}: " + "; ".join(text))
     return " | ".join(parts)
