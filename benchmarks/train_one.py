@@ -51,8 +51,7 @@ def main() -> None:
         print(f"epoch {epoch}: loss {loss:.3f} val_acc {val_acc:.4f} ({time.perf_counter() - started:.0f} s)",
               flush=True)
 
-    targets = teacher.train_logits if args.augment == "none" else teacher.model
-    val_acc = train(model, data.train, data.val, normalize, settings, targets, on_epoch=show)
+    val_acc = train(model, data.train, data.val, normalize, settings, teacher.targets(args.augment), on_epoch=show)
     print(f"{args.family} {count_params(model):,} parameters: val_acc {val_acc:.4f} "
           f"test_acc {accuracy(model, data.test, normalize):.4f} ({time.perf_counter() - started:.0f} s)")
 

@@ -89,12 +89,9 @@ def param_importances(study: optuna.Study) -> dict[str, dict[str, float]]:
     the objective's variance that lies between the families, and each family's trials get their own fANOVA shares
     of the rest (summing to 1 per family), its knobs named `family.knob`. A family (or study) with fewer than
     three complete trials is left out."""
-    complete = study.get_trials(deepcopy=False, states=[COMPLETE])
-    if not any("arch" in t.params for t in complete):
-        return _importances(study, complete)
-    by_family: dict[str, list] = {}
-    for t in complete:
-        by_family.setdefault(t.params.get("arch", t.user_attrs.get("family")), []).append(t)
+    by_family = _complete_by_family(study)
+    if by_family is None:
+        return _importances(study, study.get_trials(deepcopy=False, states=[COMPLETE]))
     out: dict[str, dict[str, float]] = {}
     for i, objective in enumerate(_objective_names(study)):
         if len(by_family) > 1:
@@ -104,6 +101,17 @@ def param_importances(study: optuna.Study) -> dict[str, dict[str, float]]:
             out.setdefault(objective, {}).update(
                 {k if k.startswith(f"{family}.") else f"{family}.{k}": v for k, v in shares.items()})
     return out
+
+
+def _complete_by_family(study: optuna.Study) -> dict[str, list] | None:
+    """The complete trials by family where the study samples the family (`arch`), else None."""
+    complete = study.get_trials(deepcopy=False, states=[COMPLETE])
+    if not any("arch" in t.params for t in complete):
+        return None
+    by_family: dict[str, list] = {}
+    for t in complete:
+        by_family.setdefault(t.params.get("arch", t.user_attrs.get("family")), []).append(t)
+    return by_family
 
 
 def _between_share(groups: list[list[float]]) -> float:
@@ -165,17 +173,14 @@ def importance_line(importance: dict, study: optuna.Study) -> str:
     def top(shares: dict) -> str:
         return ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])[:3])
 
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
-        if "arch" in t.params:
-            counts[t.params["arch"]] = counts.get(t.params["arch"], 0) + 1
+    by_family = _complete_by_family(study)
     parts = []
     for objective, shares in importance.items():
-        if not counts:
+        if by_family is None:
             parts.append(f"{objective}: {top(shares)}")
             continue
         text = [f"arch {shares['arch']:.2f}"] if "arch" in shares else []
-        for family, n in sorted(counts.items()):
+        for family, n in sorted((f, len(ts)) for f, ts in by_family.items()):
             own = {k[len(family) + 1:]: v for k, v in shares.items() if k.startswith(f"{family}.")}  # may hold dots
             text.append(f"{family} ({n} trials) {top(own)}" if own else f"{family} ({n} trials) left out")
         parts.append(f"{objective}: " + "; ".join(text))
