@@ -7,7 +7,9 @@
 
 Prints, per seed and pruner, the study's wall time (teacher cached beforehand), its pruned trials, the hypervolume of
 its final front (the report's one definition, `kdsearch.figures.hypervolume`) and the seconds from its first trial
-until it reached the final hypervolume of the unpruned study of the same seed ("-" if it never did); then the
+until its front reached the final hypervolume of the unpruned study of the same seed ("-" if it never did), and its
+final front's hypervolume, both on the unpruned study's timings (its teacher's and each architecture's latency,
+where the unpruned study timed it); then the
 means, and each pruner's time against the unpruned study's. Same sampler seed in every arm, so the studies sample
 the same first trials and differ only once pruning changes what the sampler has seen.
 """
@@ -18,14 +20,41 @@ import argparse
 import statistics
 
 from common import study_config, timed_study
+from optuna.trial import TrialState
 
-from kdsearch.figures import hypervolume_history, study_hypervolume
+from kdsearch.figures import hypervolume, study_hypervolume
+
+COMPLETE = TrialState.COMPLETE
 
 
-def seconds_to_reach(study, target: float) -> float | None:
-    history = hypervolume_history(study)
-    reached = history[history["hypervolume"] >= target - 1e-12]
-    return float(reached["seconds"].iloc[0]) if len(reached) else None
+def seconds_to_reach(study, target: float, timings: dict) -> float | None:
+    """Seconds from the study's first trial until its front, on `timings`, first held `target`'s hypervolume."""
+    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
+    done = sorted(study.get_trials(deepcopy=False, states=[COMPLETE]), key=lambda t: t.datetime_complete)
+    for i, t in enumerate(done):
+        if hypervolume_on(done[:i + 1], timings) >= target - 1e-12:
+            return (t.datetime_complete - min(starts)).total_seconds()
+    return None
+
+
+def timings_of(study) -> dict:
+    """The study's teacher and each architecture's latency, keyed by (params, FLOPs)."""
+    complete = study.get_trials(deepcopy=False, states=[COMPLETE])
+    return {"teacher": study.user_attrs["teacher"],
+            "latency": {(t.user_attrs["params"], t.user_attrs["flops"]): t.values[2] for t in complete}}
+
+
+def hypervolume_on(trials: list, timings: dict) -> float:
+    """The hypervolume of `trials`' front with the teacher's and each architecture's latency as `timings` hold
+    them (the unpruned study's): each study times its teacher and architectures afresh, and their noise moves a
+    hypervolume as much as the search does; on one set of timings two arms differ only by what they trained."""
+    points = [(t.values[0], t.values[1], timings["latency"].get((t.user_attrs["params"], t.user_attrs["flops"]),
+                                                                 t.values[2])) for t in trials]
+    return hypervolume(points, timings["teacher"])
+
+
+def mean_sd(values) -> str:
+    return f"{statistics.mean(values):.4f} (sd {statistics.stdev(values) if len(values) > 1 else 0.0:.4f})"
 
 
 def main() -> None:
@@ -39,9 +68,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="study-file overrides, as for run-study")
     args = parser.parse_args()
     rows: dict[str, list] = {p: [] for p in args.pruners}
-    print(f"{'seed':>4} {'pruner':>9} {'seconds':>8} {'pruned':>6} {'hypervolume':>11} {'s to unpruned hv':>16}")
+    print(f"{'seed':>4} {'pruner':>9} {'seconds':>8} {'pruned':>6} {'hypervolume':>11} {'s to unpruned hv':>16} "
+          f"{'hv, unpruned timings':>20}")
     for seed in args.seeds:
-        target = None
+        target = timings = None
         for pruner in args.pruners:
             n = args.n_trials if pruner == "none" else (args.pruned_trials or args.n_trials)
             cfg = study_config(args.study, [f"seed={seed}", f"search.n_trials={n}",
@@ -49,22 +79,28 @@ def main() -> None:
             study, seconds = timed_study(cfg)
             pruned = sum(t.state.name == "PRUNED" for t in study.trials)
             hv = study_hypervolume(study)
-            target = hv if pruner == "none" else target
-            reach = seconds_to_reach(study, target) if target is not None else None
-            rows[pruner].append((seconds, hv, reach))
+            timings = timings or timings_of(study)  # the unpruned study's, when it runs first
+            common = hypervolume_on(study.get_trials(deepcopy=False, states=[COMPLETE]), timings)
+            target = common if pruner == "none" else target
+            reach = seconds_to_reach(study, target, timings) if target is not None else None
+            rows[pruner].append((seconds, hv, reach, common))
             shown = f"{reach:.1f}" if reach is not None else "-"
-            print(f"{seed:>4} {pruner:>9} {seconds:8.1f} {pruned:>6} {hv:11.4f} {shown:>16}", flush=True)
+            print(f"{seed:>4} {pruner:>9} {seconds:8.1f} {pruned:>6} {hv:11.4f} {shown:>16} {common:20.4f}",
+                  flush=True)
     base = statistics.mean(r[0] for r in rows["none"]) if rows.get("none") else None
     base_reach = statistics.mean(r[2] for r in rows["none"]) if rows.get("none") else None
     for pruner, values in rows.items():
-        times, hvs, reaches = zip(*values)
-        spread = statistics.stdev(hvs) if len(hvs) > 1 else 0.0
-        line = (f"mean {pruner:>9} {statistics.mean(times):8.1f} s  hypervolume {statistics.mean(hvs):.4f} "
-                f"(sd {spread:.4f})")
+        times, hvs, reaches, commons = zip(*values)
+        line = (f"mean {pruner:>9} {statistics.mean(times):8.1f} s  hypervolume {mean_sd(hvs)}, on the unpruned "
+                f"timings {mean_sd(commons)}")
         if base:
             line += f"  wall time {statistics.mean(times) / base:.2f}x the unpruned study's"
         if pruner != "none" and None not in reaches and base_reach:  # both timed from their first trial
-            line += f"; reached its final hypervolume in {statistics.mean(reaches) / base_reach:.2f}x the time"
+            line += (f"; reached its final hypervolume in {statistics.mean(reaches) / base_reach:.2f}x the time "
+                     f"({statistics.mean(reaches) / base:.2f}x its wall time)")
+        elif pruner != "none" and base:
+            reached = [r for r in reaches if r is not None]
+            line += f"; reached its final hypervolume on {len(reached)} of {len(reaches)} seeds"
         print(line, flush=True)
 
 
