@@ -1,16 +1,10 @@
-import atexit
-import os
+import gc
 import sys
-import threading
 
 from kdsearch.cli import main
 
 code = main()
-if threading.active_count() == 1:
-    # Exit without the interpreter's teardown, which frees torch's, MLflow's and pandas' objects one by one: 2 s
-    # after a digits study. The exit handlers (logging's, MLflow's, multiprocessing's) still run.
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+# The interpreter's teardown walks every object torch, MLflow and pandas left (2-3 s after a study) unless they are
+# frozen out of the garbage collector first (0.3-0.4 s); exit handlers, profilers and callers run as usual.
+gc.freeze()
 sys.exit(code)
