@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except KdsearchError as e:
         print(f"kdsearch: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (`| head`); Python's docs' recipe, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         name = getattr(args, "study_name", None) or ""
         print(f"\nkdsearch: interrupted; finished trials are kept. Run the same command again to resume"

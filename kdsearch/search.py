@@ -239,6 +239,9 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise
+    except Exception:  # e.g. the progress lines' reader went away (`| head`): the study's run must not stay RUNNING
+        client.set_terminated(run_id, "FAILED")
+        raise
     if failures.reason:
         client.set_terminated(run_id, "FAILED")
         raise KdsearchError(f"stopped: the last trials all failed with '{failures.reason}': fix the cause and "
