@@ -79,12 +79,13 @@ def main() -> None:
             study, seconds = timed_study(cfg)
             pruned = sum(t.state.name == "PRUNED" for t in study.trials)
             hv = study_hypervolume(study)
-            timings = timings or timings_of(study)  # the unpruned study's, when it runs first
+            if pruner == "none" or timings is None:  # the unpruned study's (without one: each arm's own)
+                timings = timings_of(study)
             common = hypervolume_on(study.get_trials(deepcopy=False, states=[COMPLETE]), timings)
             target = common if pruner == "none" else target
             reach = seconds_to_reach(study, target, timings) if target is not None else None
             rows[pruner].append((seconds, hv, reach, common))
-            shown = f"{reach:.1f}" if reach is not None else "-"
+            shown = f"{reach:.1f}" if reach is not None else f"- ({target - common:.4f} short)"
             print(f"{seed:>4} {pruner:>9} {seconds:8.1f} {pruned:>6} {hv:11.4f} {shown:>16} {common:20.4f}",
                   flush=True)
     base = statistics.mean(r[0] for r in rows["none"]) if rows.get("none") else None
@@ -97,7 +98,7 @@ def main() -> None:
             line += f"  wall time {statistics.mean(times) / base:.2f}x the unpruned study's"
         if pruner != "none" and None not in reaches and base_reach:  # both timed from their first trial
             line += (f"; reached its final hypervolume in {statistics.mean(reaches) / base_reach:.2f}x the time "
-                     f"({statistics.mean(reaches) / base:.2f}x its wall time)")
+                     f"({statistics.mean(reaches) / base:.2f}x the unpruned study's wall time)")
         elif pruner != "none" and base:
             reached = [r for r in reaches if r is not None]
             line += f"; reached its final hypervolume on {len(reached)} of {len(reaches)} seeds"
