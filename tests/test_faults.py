@@ -148,14 +148,16 @@ def test_a_process_killed_on_sqlite_leaves_nothing_running_once_resumed(workdir)
 def test_a_reader_that_goes_away_stops_the_study_quietly_and_closes_its_runs(workdir):
     """`run-study | head -3`: once the pipe closes, the study stops without a traceback, its finished trials are
     kept, no trial or MLflow run is left RUNNING, and the same command resumes it."""
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "kdsearch", "run-study", "--n-trials", "8", *FAST]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
-    while "trial" not in proc.stdout.readline():  # the teacher's and the study's lines, then the first trial's
-        pass
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the teacher's and the study's lines, then the first trial's
+        if line.startswith("trial "):
+            break
     proc.stdout.close()  # as `head` does
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err, err
