@@ -22,19 +22,16 @@ import statistics
 from common import study_config, timed_study
 from optuna.trial import TrialState
 
-from kdsearch.figures import hypervolume, study_hypervolume
+from kdsearch.figures import hypervolume, hypervolume_history, study_hypervolume
 
 COMPLETE = TrialState.COMPLETE
 
 
 def seconds_to_reach(study, target: float, timings: dict) -> float | None:
     """Seconds from the study's first trial until its front, on `timings`, first held `target`'s hypervolume."""
-    starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
-    done = sorted(study.get_trials(deepcopy=False, states=[COMPLETE]), key=lambda t: t.datetime_complete)
-    for i, t in enumerate(done):
-        if hypervolume_on(done[:i + 1], timings) >= target - 1e-12:
-            return (t.datetime_complete - min(starts)).total_seconds()
-    return None
+    history = hypervolume_history(study, timings["teacher"], lambda t: on_timings(t, timings))
+    reached = history[history["hypervolume"] >= target - 1e-12]
+    return float(reached["seconds"].iloc[0]) if len(reached) else None
 
 
 def timings_of(study) -> dict:
@@ -44,13 +41,12 @@ def timings_of(study) -> dict:
             "latency": {(t.user_attrs["params"], t.user_attrs["flops"]): t.values[2] for t in complete}}
 
 
-def hypervolume_on(trials: list, timings: dict) -> float:
-    """The hypervolume of `trials`' front with the teacher's and each architecture's latency as `timings` hold
-    them (the unpruned study's): each study times its teacher and architectures afresh, and their noise moves a
-    hypervolume as much as the search does; on one set of timings two arms differ only by what they trained."""
-    points = [(t.values[0], t.values[1], timings["latency"].get((t.user_attrs["params"], t.user_attrs["flops"]),
-                                                                 t.values[2])) for t in trials]
-    return hypervolume(points, timings["teacher"])
+def on_timings(trial, timings: dict) -> tuple:
+    """The trial's (val_acc, params, latency_ms) with its architecture's latency as `timings` hold it (the unpruned
+    study's): each study times its teacher and architectures afresh, and their noise moves a hypervolume as much as
+    the search does; on one set of timings two arms differ only by what they trained."""
+    latency = timings["latency"].get((trial.user_attrs["params"], trial.user_attrs["flops"]), trial.values[2])
+    return trial.values[0], trial.values[1], latency
 
 
 def mean_sd(values) -> str:
@@ -81,7 +77,8 @@ def main() -> None:
             hv = study_hypervolume(study)
             if pruner == "none" or timings is None:  # the unpruned study's (without one: each arm's own)
                 timings = timings_of(study)
-            common = hypervolume_on(study.get_trials(deepcopy=False, states=[COMPLETE]), timings)
+            common = hypervolume([on_timings(t, timings) for t in study.get_trials(deepcopy=False, states=[COMPLETE])],
+                                 timings["teacher"])
             target = common if pruner == "none" else target
             reach = seconds_to_reach(study, target, timings) if target is not None else None
             rows[pruner].append((seconds, hv, reach, common))

@@ -89,15 +89,17 @@ def study_hypervolume(study: optuna.Study) -> float:
     return hypervolume([t.values for t in study.best_trials], study.user_attrs["teacher"])
 
 
-def hypervolume_history(study: optuna.Study) -> pd.DataFrame:
+def hypervolume_history(study: optuna.Study, teacher: dict | None = None, point=None) -> pd.DataFrame:
     """The front's hypervolume after each complete trial, in the order they finished: against the count of
-    complete trials and the seconds since the study's first trial started."""
-    teacher = study.user_attrs["teacher"]
+    complete trials and the seconds since the study's first trial started. `teacher` (default the study's) and
+    `point` (a trial's (val_acc, params, latency_ms), default its values) let a benchmark score it on other timings."""
+    teacher = teacher or study.user_attrs["teacher"]
+    point = point or (lambda t: t.values)
     starts = [t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start]
     done = sorted(study.get_trials(deepcopy=False, states=[COMPLETE]), key=lambda t: t.datetime_complete)
     rows, seen = [], []
     for t in done:
-        seen.append(t.values)
+        seen.append(point(t))
         rows.append({"trial": t.number, "trials": len(seen),
                      "seconds": (t.datetime_complete - min(starts)).total_seconds(),
                      "hypervolume": hypervolume(seen, teacher)})
