@@ -24,6 +24,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 MODES = ("pareto", "budget")
 LATENCY_DTYPES = ("float32", "bfloat16", "float16")
+LATENCY_RUNTIMES = ("onnxruntime", "torch")
 PRUNERS = ("auto", "none", "dominated", "rungs", "median", "hyperband")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 STUDENT_FAMILIES = ("convnet", "separable", "resnet")
@@ -108,7 +109,9 @@ class ResnetConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     arch: Families = Families("convnet")  # a family, a list of families, or a builder "package.module:function"
-    channel_multiple: int = 8  # built-in families round channel counts to a multiple of this; 1: no rounding
+    # built-in families round channel counts to a multiple of this (1: no rounding); in ONNX Runtime other counts
+    # ran 1.1-4.5x slower per parameter, multiples of 4 within 1.14x of 8's (benchmarks/bench_channels.py)
+    channel_multiple: int = 4
     # the convnet's knobs
     base_width: int = 8  # channels of the first stage at width multiplier 1
     width: Range = Range((0.25, 2.0))  # channel multiplier, sampled on a log scale
@@ -153,6 +156,9 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
+    # onnxruntime: the network's ONNX graph (as `export` writes it) in ONNX Runtime, as it is deployed; torch: eager
+    # PyTorch, which at batch 1 mostly times its per-operator dispatch (up to 27x the ONNX Runtime figure here)
+    runtime: str = "onnxruntime"
     device: str = "cpu"
     threads: int = 1
     batch_size: int = 1
@@ -314,6 +320,7 @@ def check_values(c: StudyConfig, where: str) -> None:
         ("search.mode", c.search.mode, MODES),
         ("search.pruner", c.search.pruner, PRUNERS),
         ("distill.schedule", c.distill.schedule, SCHEDULES),
+        ("latency.runtime", c.latency.runtime, LATENCY_RUNTIMES),
     ]
     for key, value, allowed in choices:
         if value not in allowed:
@@ -373,6 +380,9 @@ def check_values(c: StudyConfig, where: str) -> None:
     if c.latency.dtype not in LATENCY_DTYPES or (c.latency.dtype == "float16" and c.latency.device == "cpu"):
         raise KdsearchError(f"{where}: latency.dtype = {c.latency.dtype!r}: use float32 or bfloat16 "
                             "(float16 with a cuda latency.device)")
+    if c.latency.runtime == "onnxruntime" and c.latency.dtype != "float32":
+        raise KdsearchError(f"{where}: latency.dtype = {c.latency.dtype!r} with latency.runtime = 'onnxruntime': "
+                            "its graph is float32; set latency.runtime = 'torch' to time other dtypes")
     if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
         raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")
 

@@ -19,22 +19,11 @@ from mlflow import MlflowClient
 from torch import nn
 
 from kdsearch import KdsearchError, first_line
+from kdsearch.measure import study_latency
 from kdsearch.models import Architecture, StudentSpec, build_student, channels_of, convnet
+from kdsearch.onnx_graph import Deployable, to_onnx
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
-
-
-class Deployable(nn.Module):
-    """The student with its input normalisation folded in."""
-
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
 
 
 def choose_trial(study: optuna.Study, trial: int | None = None, max_params: int | None = None,
@@ -89,10 +78,7 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=batch)
         torch.export.save(program, str(paths["export"]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(paths["onnx"]), input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=batch, external_data=False, verbose=False)
+        paths["onnx"].write_bytes(to_onnx(model, example))  # the graph that latency timing times
     except Exception as e:
         raise KdsearchError(f"trial {trial.number}'s student ({spec.family}) cannot be exported with torch.export "
                             f"({first_line(e)}): keep its forward free of data-dependent Python control flow") from None
@@ -103,7 +89,7 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
         "flops": trial.user_attrs.get("flops"), "size_bytes": trial.user_attrs.get("size_bytes"),
         "val_acc": trial.values[0], "test_acc": trial.user_attrs["test_acc"],
         "latency": {"median_ms": trial.user_attrs["latency_ms"], "iqr_ms": trial.user_attrs.get("latency_iqr_ms"),
-                    **{k: v for k, v in config["latency"].items() if k != "min_run_time"}},
+                    **study_latency(study.user_attrs)},
         "distillation": {"temperature": trial.params["temperature"], "alpha": trial.params["alpha"],
                          "lr": trial.params["lr"], "epochs": config["distill"]["epochs"],
                          **{k: v for k, v in trial.user_attrs.get("training", {}).items()}},

@@ -15,18 +15,26 @@ import plotly.io as pio
 from mlflow import MlflowClient
 
 from kdsearch.figures import hypervolume_history, hypervolume_reference, kd_gains, study_hypervolume
+from kdsearch.measure import runtime_label, study_latency
 from kdsearch.students import SHARED
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
 PANELS = [("params", "parameters (log scale)", True), ("latency_ms", "latency (ms)", False)]
+
+
+def panels(latency: dict) -> list[tuple[str, str, bool]]:
+    """The two panels, the latency axis naming what its figures were timed with."""
+    return [(x, f"{title}: {runtime_label(latency)}" if x == "latency_ms" else title, log) for x, title, log in PANELS]
 TABLE_COLUMNS = ["trial", "family", "val_acc", "test_acc", "params", "latency_ms"]
 FAMILY_COLOURS = {"convnet": "crimson", "separable": "royalblue", "resnet": "seagreen"}  # a user builder: orange
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per complete trial: objectives, test accuracy, sampled params, run id, and whether it is on the front."""
+    """One row per complete trial: objectives, test accuracy, sampled params, run id, whether it is on the front, and
+    what its latency was timed with (`latency_runtime`, ...)."""
     front = {t.number for t in study.best_trials}
+    timed = {f"latency_{k}": v for k, v in study_latency(study.user_attrs).items()}
     rows = []
     for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
         a = t.user_attrs
@@ -34,7 +42,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "test_acc": a.get("test_acc"),
                      "params": int(a["params"]), "latency_ms": a["latency_ms"], "flops": a.get("flops"),
                      **t.params, "channels": t.user_attrs.get("channels"),
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "pareto": t.number in front})
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), **timed, "pareto": t.number in front})
     return pd.DataFrame(rows)
 
 
@@ -66,9 +74,11 @@ def write_report(study: optuna.Study, out_dir: Path, importance: dict | None = N
     paths = [out_dir / "pareto.csv", out_dir / "pareto.html", out_dir / "pareto.png", out_dir / "search.html",
              out_dir / "kd_gain.json", out_dir / "importance.json"]
     _with_integer_knobs(front.drop(columns=["pareto"], errors="ignore"), study).to_csv(paths[0], index=False)
-    figures = [_plotly_figure(df, teacher, study.study_name)] + ([_importance_figure(importance)] if importance else [])
+    latency = study_latency(study.user_attrs)
+    figures = [_plotly_figure(df, teacher, study.study_name, latency)]
+    figures += [_importance_figure(importance)] if importance else []
     paths[1].write_text(_page(study.study_name, figures))
-    _matplotlib_figure(df, teacher, study.study_name, paths[2])
+    _matplotlib_figure(df, teacher, study.study_name, paths[2], latency)
     history = hypervolume_history(study) if len(df) and len(study.directions) > 1 else None  # once, for both
     paths[3].write_text(_search_page(study, df, history))
     paths[4].write_text(json.dumps(kd_gains(study) or None, indent=1))
@@ -272,8 +282,11 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
         print(front[TABLE_COLUMNS + knobs].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     if summary.get("hypervolume") is not None:
         ref = hypervolume_reference(study.user_attrs["teacher"])
+        timed = runtime_label(study_latency(study.user_attrs))
         print(f"hypervolume {summary['hypervolume']:.4f} (val_acc, log10 params, latency_ms; reference: val_acc 0, "
-              f"the teacher's {ref[1]:,.0f} params and {ref[2]:.4g} ms)")
+              f"the teacher's {ref[1]:,.0f} params and {ref[2]:.4g} ms in {timed})")
+        if summary["hypervolume"] == 0:
+            print(nothing_beats_the_teacher(study))
     for gain in kd_gains(study).values():
         print(kd_gain_line(gain))
     if importance:
@@ -281,6 +294,19 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
               f"few trials make it noisy): {importance_line(importance, study)}")
     print(f"report: {paths[1]} ({', '.join(p.name for p in paths if p != paths[1])})")
     return front
+
+
+def nothing_beats_the_teacher(study: optuna.Study) -> str:
+    """Why a study's hypervolume is 0: no complete student is both smaller and faster than its teacher."""
+    teacher = study.user_attrs["teacher"]
+    done = [t.user_attrs for t in study.get_trials(deepcopy=False, states=[COMPLETE])]
+    slower = sum(a["latency_ms"] >= teacher["latency_ms"] for a in done)
+    larger = sum(a["params"] >= teacher["params"] for a in done)
+    fastest = min(a["latency_ms"] for a in done)
+    return (f"hypervolume 0: no student is both smaller and faster than the teacher ({slower} of {len(done)} as "
+            f"slow or slower than its {teacher['latency_ms']:.4g} ms, the fastest {fastest:.4g} ms; {larger} as large "
+            "or larger): search smaller students, or time latency in the runtime they are deployed with "
+            "(latency.runtime = 'onnxruntime')")
 
 
 def kd_gain_line(gain: dict) -> str:
@@ -308,7 +334,8 @@ def study_summary(study: optuna.Study) -> dict:
 
 
 FIXED_COLUMNS = {"trial", "family", "val_acc", "test_acc", "params", "latency_ms", "flops", "mlflow_run_id", "pareto",
-                 "channels", "arch"}
+                 "channels", "arch", *(f"latency_{k}" for k in ("device", "threads", "batch_size", "dtype", "runtime",
+                                                                 "runtime_version"))}
 
 
 def _hover(df: pd.DataFrame) -> list[str]:
@@ -320,13 +347,13 @@ def _hover(df: pd.DataFrame) -> list[str]:
             + f"<br>MLflow run {r['mlflow_run_id']}" for r in df.to_dict("records")]
 
 
-def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str):
+def _plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str, latency: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True,
                         subplot_titles=["accuracy vs parameters", "accuracy vs latency"])
-    for col, (x, title, log) in enumerate(PANELS, start=1):
+    for col, (x, title, log) in enumerate(panels(latency), start=1):
         first = col == 1
         if len(df):
             dominated, front = df[~df["pareto"]], df[df["pareto"]]
@@ -357,9 +384,9 @@ def _by_family(front: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
             for f in sorted(front["family"].unique())]
 
 
-def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: Path) -> None:
+def _matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: Path, latency: dict) -> None:
     fig, axes = _two_panels(height=4.5)
-    for ax, (x, title, log) in zip(axes, PANELS):
+    for ax, (x, title, log) in zip(axes, panels(latency)):
         if len(df):
             dominated, front, stairs = df[~df["pareto"]], df[df["pareto"]], front_2d(df, x)
             ax.scatter(dominated[x], dominated["val_acc"], color="grey", alpha=0.35, label="dominated")

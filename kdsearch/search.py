@@ -25,7 +25,7 @@ from kdsearch.config import StudyConfig, families
 from kdsearch.data import Dataset, load_dataset
 from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
-from kdsearch.measure import measure_latency, warm_up
+from kdsearch.measure import latency_settings, measure_latency, runtime_label, runtime_of, warm_up
 from kdsearch.models import Architecture, build_model, build_student
 from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_attrs, stale_trial_callback
 from kdsearch.students import middle_knobs, student_spec
@@ -89,12 +89,15 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     if stored.get("key") == teacher.key:  # the study's first session measured it: one figure per study, like students'
         figures = {k: stored.get(k, v) for k, v in figures.items()}
     elif not teacher.latency_timed_now:  # a new study times its teacher beside its first students (the reference)
-        figures["latency_ms"] = measure_latency(teacher.model, data.input_shape, cfg.latency).median_ms
+        figures["latency_ms"] = measure_latency(teacher.model, data.input_shape, cfg.latency, what="the teacher",
+                                                normalize=(data.mean, data.std)).median_ms
     teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures,
                                           teacher.metrics.get("finished_at"))
     study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
     study.set_user_attr("mlflow_run_id", study_run_id)
     study.set_user_attr("teacher", {**figures, "key": teacher.key, "mlflow_run_id": teacher_run_id})
+    if "latency" not in study.user_attrs:  # what every latency of the study means, its teacher's included
+        study.set_user_attr("latency", latency_settings(cfg.latency))
     study.set_user_attr("data", {"mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
                                  "num_classes": data.num_classes, "fingerprint": data.fingerprint})
     tracking.log_values(client, study_run_id, tags={"kdsearch.teacher_run_id": teacher_run_id})
@@ -146,7 +149,8 @@ def print_progress(target: int, started: float, complete_only: bool = False):
         if trial.state == optuna.trial.TrialState.COMPLETE:
             tail = f"val_acc {trial.values[0]:.4f} test_acc {a['test_acc']:.4f} {cost}"
         else:
-            tail = f"{trial.state.name} ({cost}): {a.get('prune_reason') or a.get('fail_reason', '')}"
+            reason = a.get("prune_reason") or a.get("fail_reason", "")
+            tail = f"{trial.state.name}{f' ({cost})' if cost else ''}: {reason}"
         if "baseline" in a:
             tail += f" [baseline {a['baseline']}]"
         if "warm_start" in a:
@@ -207,6 +211,9 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
         print(f"trials {lost} were left RUNNING by a process that has ended: marked FAIL, their MLflow runs closed, "
               "and queued again", flush=True)
     exp_id, study_run_id = start_tracking(cfg, study, data, teacher, client)
+    why = runtime_of(cfg.latency)[1]
+    print(f"latency: timed in {runtime_label(study.user_attrs['latency'])}" + (f" ({why})" if why else "")
+          + f"; the teacher's {study.user_attrs['teacher']['latency_ms']:.4g} ms", flush=True)
     return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id), dev)
 
 

@@ -173,23 +173,40 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
                 pair += 1
 
 
+# Keys added to the study file since the first studies, with the value that keeps a study made before each its
+# earlier behaviour: channel counts were not rounded; latency was timed in eager PyTorch.
+ADDED_KEYS = {("student", "channel_multiple"): 1, ("latency", "runtime"): "torch"}
+# Defaults changed since, with the earlier default: a study made with it resumes with it while the file leaves the
+# key at today's default.
+CHANGED_DEFAULTS = {("student", "channel_multiple"): 8}
+
+
 def as_it_was_made(cfg: StudyConfig, stored: dict | None) -> StudyConfig:
     """The study file's config for a study made by an earlier kdsearch: keys added since that the file leaves at
-    their defaults take the values that keep the study's earlier behaviour (channel counts were not rounded)."""
-    student = (stored or {}).get("student")
-    if student and "channel_multiple" not in student and cfg.student.channel_multiple == 8:
-        return cfg.replace(student=dataclasses.replace(cfg.student, channel_multiple=1))
+    their defaults take the values that keep the study's earlier behaviour."""
+    defaults = StudyConfig()
+    for (section, key), earlier in ADDED_KEYS.items():
+        made = (stored or {}).get(section)
+        now = getattr(cfg, section)
+        if made and key not in made and getattr(now, key) == getattr(getattr(defaults, section), key):
+            cfg = cfg.replace(**{section: dataclasses.replace(now, **{key: earlier})})
+    for (section, key), earlier in CHANGED_DEFAULTS.items():
+        made = (stored or {}).get(section) or {}
+        now = getattr(cfg, section)
+        if made.get(key) == earlier and getattr(now, key) == getattr(getattr(defaults, section), key):
+            cfg = cfg.replace(**{section: dataclasses.replace(now, **{key: earlier})})
     return cfg
 
 
 def _older_defaults_filled(stored: dict) -> dict:
-    """A stored config made by an earlier kdsearch, with the keys added since at their defaults (which keep the
-    earlier behaviour), so such a study resumes."""
+    """A stored config made by an earlier kdsearch, with the keys added since at their defaults (or at the values
+    that keep the earlier behaviour, see ADDED_KEYS), so such a study resumes."""
     defaults = _comparable(StudyConfig())
     filled = {section: {**defaults[section], **value} if isinstance(value, dict) else value
               for section, value in stored.items()}
-    if "student" in stored and "channel_multiple" not in stored["student"]:
-        filled["student"]["channel_multiple"] = 1  # channel counts were not rounded before
+    for (section, key), earlier in ADDED_KEYS.items():
+        if section in stored and key not in stored[section]:
+            filled[section][key] = earlier
     return filled
 
 

@@ -118,11 +118,16 @@ def _latency(folder: Path, metrics: dict, model: nn.Module, data: Dataset, cfg: 
     key = _latency_key(cfg)
     known = metrics.setdefault("latency_ms_by_settings", {})
     if key not in known:
-        known[key] = measure_latency(model, data.input_shape, cfg.latency).median_ms
+        known[key] = measure_latency(model, data.input_shape, cfg.latency, what=_what(cfg),
+                                     normalize=(data.mean, data.std)).median_ms
         tmp = folder / f".meta-{os.getpid()}.json"
         tmp.write_text(json.dumps(metrics, indent=1))
         os.replace(tmp, folder / "meta.json")
     return known[key]
+
+
+def _what(cfg: StudyConfig) -> str:
+    return f"the teacher ({cfg.teacher.checkpoint or cfg.teacher.arch})"
 
 
 def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict, from_checkpoint: bool) -> None:

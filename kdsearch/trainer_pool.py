@@ -15,7 +15,8 @@ behind `if __name__ == "__main__":`, so from a script the trials then train one 
 
 Latency is timed in one more process, which does nothing else, while the timing lock keeps epochs out and this
 process's threads are held off the GIL (`_wait_holding_the_gil`; a Ctrl-C then takes effect when the timing
-ends). A student that cannot be pickled is timed and trained here.
+ends). That process also makes the ONNX graphs it times, beforehand and without the lock. A student that cannot be
+pickled is exported, timed and trained here.
 
 A process that dies fails its trial only; its trials then train in the parent. Ctrl-C stops the processes first,
 so the trials under way end as interrupted (FAIL), as they would in one process.
@@ -41,7 +42,8 @@ from kdsearch.config import LatencyConfig
 from kdsearch.data import Split, StreamingSplit
 from kdsearch.distill import Normalizer, Teacher, TrainSettings, train
 from kdsearch.engine import PhaseTimer, prepare_model
-from kdsearch.measure import Latency, time_forward
+from kdsearch.measure import Latency, deployable, time_deployed
+from kdsearch.onnx_graph import TORCH_GLOBALS
 from kdsearch.timing_lock import training_epoch
 
 _PR_SET_PDEATHSIG = 1  # from linux/prctl.h
@@ -178,18 +180,46 @@ class TrainerPool:
             else:
                 raise body[0]
 
-    def time_latency(self, model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
-        """`measure.time_forward` in the timing process, which runs nothing else: in this process the trials' threads
+    def deployable(self, model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig, what: str,
+                   normalize: tuple | None) -> nn.Module | bytes:
+        """`measure.deployable` in the timing process: torch.export keeps some state process-wide (torch.fx's
+        `current_meta`), and an export beside another thread's `torch.manual_seed` failed with a KeyError here. A
+        student that cannot be pickled is exported in this process, holding `TORCH_GLOBALS` as seeded builds do."""
+        args = (model, input_shape, cfg, what, normalize)
+        try:
+            task = pickle.dumps(("deployable", *args))
+        except Exception:  # noqa: BLE001
+            task = None
+        with self._timer_lock:
+            if task is None or self._timer is None:
+                with TORCH_GLOBALS:
+                    return deployable(*args)
+            try:
+                self._timer.send_bytes(task)
+                kind, value = _recv(self._timer)
+            except (EOFError, OSError) as e:
+                self._timer.close()
+                self._timer = None
+                if self.closing:
+                    raise KeyboardInterrupt from e
+                with TORCH_GLOBALS:
+                    return deployable(*args)
+        if kind == "error":
+            raise value
+        return value
+
+    def time_latency(self, timed: nn.Module | bytes, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
+        """`measure.time_deployed` in the timing process, which runs nothing else: in this process the trials' threads
         take the GIL often enough to inflate a timing (0.08 ms became about 60 ms beside a busy thread). The caller
         holds `timing_alone`, so no training epoch runs meanwhile. A forked process must not use more than one
         OpenMP thread (it would hang) nor CUDA: such timings, and students that cannot be pickled, stay here."""
         try:
-            task = pickle.dumps((model, input_shape, cfg))
+            task = pickle.dumps(("time", timed, input_shape, cfg))
         except Exception:  # noqa: BLE001
             task = None
         with self._timer_lock:
             if task is None or self._timer is None or cfg.threads != 1 or cfg.device != "cpu":
-                return time_forward(model, input_shape, cfg)
+                return time_deployed(timed, input_shape, cfg)
             try:
                 self._timer.send_bytes(task)
                 _wait_holding_the_gil(self._timer.fileno())
@@ -199,7 +229,7 @@ class TrainerPool:
                 self._timer = None
                 if self.closing:
                     raise KeyboardInterrupt from e
-                return time_forward(model, input_shape, cfg)
+                return time_deployed(timed, input_shape, cfg)
         if kind == "error":
             raise value
         return value
@@ -298,18 +328,20 @@ def _serve(conn, ours: list) -> None:
 
 
 def _serve_timings(conn, ours: list) -> None:
-    """The timing process: time each architecture the parent sends. Its first timing runs twice (a process's
-    first one reads about 0.3 s slow)."""
+    """The timing process: make what each architecture's runtime times (its ONNX graph), and time it, as the parent
+    asks. Its first timing runs twice (a process's first one reads about 0.3 s slow)."""
     _become_child(ours)
     _send(conn, "ready")
     warm = []
 
-    def time_it(model: nn.Module, input_shape: tuple[int, ...], cfg: LatencyConfig) -> tuple[Latency]:
+    def serve(kind: str, *args) -> tuple:
+        if kind == "deployable":
+            return (deployable(*args),)
         if not warm:
-            warm.append(time_forward(model, input_shape, cfg))
-        return (time_forward(model, input_shape, cfg),)
+            warm.append(time_deployed(*args))
+        return (time_deployed(*args),)
 
-    _answer_each(conn, time_it)
+    _answer_each(conn, serve)
 
 
 def _answer_each(conn, handle) -> None:

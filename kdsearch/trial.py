@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +22,9 @@ from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, correct
 from kdsearch.engine import PhaseTimer, prepare_model
-from kdsearch.measure import count_flops, count_params, measure_latency, size_bytes
+from kdsearch.measure import count_flops, count_params, deployable, measure_latency, size_bytes
 from kdsearch.models import FAMILIES, StudentSpec, build_student, channels_of
+from kdsearch.onnx_graph import TORCH_GLOBALS
 from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
 from kdsearch.storage import worker_identity
 from kdsearch.students import sample_student, student_spec, training_settings
@@ -31,8 +32,6 @@ from kdsearch.study import trial_seed
 from kdsearch.teacher import Teacher
 from kdsearch.timing_lock import timing_alone, training_epoch
 from kdsearch.trainer_pool import TrainerPool, Workload, train_locally
-
-_SEEDED_BUILD = threading.Lock()
 
 
 @dataclass
@@ -51,7 +50,19 @@ class StudyContext:
 
 
 def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
-    """Sample, build and measure a student; reject it if it breaks a limit; distill it; log everything."""
+    """Sample, build and measure a student; reject it if it breaks a limit; distill it; log everything. A trial
+    that fails carries its reason (`fail_reason`), whatever failed."""
+    try:
+        return _objective(ctx, trial)
+    except optuna.TrialPruned:
+        raise
+    except Exception as e:
+        if not trial.user_attrs.get("fail_reason"):
+            trial.set_user_attr("fail_reason", str(e) if isinstance(e, KdsearchError) else unexpected(e))
+        raise
+
+
+def _objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
     cfg, data = ctx.cfg, ctx.data
     for key, value in worker_identity().items():  # first: a process that dies from here on can be found
         trial.set_user_attr(key, value)
@@ -59,14 +70,10 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     family, knobs, hp = sample_student(trial, cfg)
     seed = trial.user_attrs.get("seed", trial_seed(cfg.seed, trial.number))  # a baseline pair shares one seed
     spec = student_spec(family, knobs, data.input_shape, data.num_classes)
-    try:
-        model = seeded_student(spec, seed)
-    except KdsearchError as e:  # before the trial's run exists: the reason goes on the trial
-        trial.set_user_attr("fail_reason", str(e))
-        raise
+    model = seeded_student(spec, seed)
     key = cost_key(spec, model)
     with timer("measure"):
-        cost = study_cost(ctx, trial.study, key, model)
+        cost = study_cost(ctx, trial.study, key, model, f"the {family} student")
         latency = cost.pop("latency")
     for name in ("params", "latency_ms", "flops", "size_bytes", "latency_iqr_ms"):
         trial.set_user_attr(name, cost[name])
@@ -127,17 +134,26 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     return cost["val_acc"], cost["params"], cost["latency_ms"]
 
 
+def unexpected(e: Exception) -> str:
+    """An error nobody foresaw, with where it was raised: `KeyError: 'x' (at torch/fx/traceback.py:363)`."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {'/'.join(Path(frames[-1].filename).parts[-3:])}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
 def seeded_student(spec: StudentSpec, seed: int) -> torch.nn.Module:
     """The student with the initial weights its seed gives, also while other threads build theirs (parallel
     trials): torch's global generator is shared by them."""
-    with _SEEDED_BUILD:
+    with TORCH_GLOBALS:
         torch.manual_seed(seed)
         return build_student(spec)
 
 
-def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig, timer=None) -> dict:
-    """What the architecture costs, known before any training, with the settings its latency was timed with."""
-    latency = measure_latency(model, input_shape, cfg.latency, timer)
+def measure_cost(model: torch.nn.Module, input_shape: tuple[int, ...], cfg: StudyConfig, timer=None,
+                 timed: torch.nn.Module | bytes | None = None) -> dict:
+    """What the architecture costs, known before any training, with the settings its latency was timed with;
+    `timed` is what `measure.deployable` made of the model, when it was made beforehand."""
+    latency = measure_latency(model if timed is None else timed, input_shape, cfg.latency, timer)
     return {"params": count_params(model), "flops": count_flops(model, input_shape), "size_bytes": size_bytes(model),
             "latency_ms": latency.median_ms, "latency_iqr_ms": latency.iqr_ms, "latency": latency.to_dict()}
 
@@ -155,18 +171,22 @@ def cost_key(spec: StudentSpec, model: torch.nn.Module) -> str:
     return "cost:" + json.dumps(arch, sort_keys=True, separators=(",", ":"))
 
 
-def study_cost(ctx: StudyContext, study: optuna.Study, key: str, model: torch.nn.Module) -> dict:
+def study_cost(ctx: StudyContext, study: optuna.Study, key: str, model: torch.nn.Module,
+               what: str = "the student") -> dict:
     """One cost per architecture per study, whoever measures it: the first process to need it measures it (under
     the host's latency lock, see `measure_latency`) and stores it in the study, where every other worker and every
-    later session reads it."""
+    later session reads it. Its ONNX graph is made and checked before the lock is taken; an architecture that
+    cannot be exported raises a KdsearchError naming `what`."""
     if key not in ctx.costs:
         stored = _stored_cost(study, key)
         if stored is None:
+            make = ctx.pool.deployable if ctx.pool is not None else deployable
+            timed = make(model, ctx.data.input_shape, ctx.cfg.latency, what, (ctx.data.mean, ctx.data.std))
             with timing_alone():
                 stored = _stored_cost(study, key)  # another worker on this host may have measured it meanwhile
                 if stored is None:
                     timer = ctx.pool.time_latency if ctx.pool is not None else None
-                    stored = measure_cost(model, ctx.data.input_shape, ctx.cfg, timer)
+                    stored = measure_cost(model, ctx.data.input_shape, ctx.cfg, timer, timed)
                     study.set_user_attr(key, stored)
         ctx.costs[key] = stored
     return json.loads(json.dumps(ctx.costs[key]))  # a copy

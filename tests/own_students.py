@@ -34,3 +34,22 @@ def raw_parameters(input_shape, num_classes, hidden=4, passes=1):
 
 def not_a_module(input_shape, num_classes):
     return "a string"
+
+
+class DataDependent(nn.Module):
+    """Its forward branches on the data: torch.export (and so the ONNX exporter) cannot trace it."""
+
+    def __init__(self, inputs, num_classes, hidden):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        out = self.body(x)
+        if out.sum() > 0:
+            return out
+        return out * 2
+
+
+def data_dependent(input_shape, num_classes, hidden=8):
+    c, h, w = input_shape
+    return DataDependent(c * h * w, num_classes, hidden)

@@ -12,6 +12,7 @@ import kdsearch.cli
 import kdsearch.teacher
 import kdsearch.trial
 from kdsearch.cli import main
+from kdsearch.config import StudyConfig
 
 FAST = fast(distill_epochs=2, teacher_epochs=2)
 TRIAL_METRICS = {"val_acc", "test_acc", "params", "flops", "latency_ms", "train_loss"}
@@ -132,7 +133,7 @@ def test_one_latency_per_architecture_whoever_measures_it(first_study):
     stored = {k: v for k, v in study.user_attrs.items() if k.startswith("cost:")}
     for t in study.trials:
         knobs = {"base_width": 8, "width": t.params["width"], "depth": t.params["depth"], "convs_per_stage": 1,
-                 "channel_multiple": 8}
+                 "channel_multiple": StudyConfig().student.channel_multiple}
         spec = StudentSpec("convnet", (1, 8, 8), 10, knobs)
         key = cost_key(spec, build_student(spec))
         assert t.values[2] == stored[key]["latency_ms"] and t.values[1] == stored[key]["params"]
@@ -158,7 +159,8 @@ def test_a_stored_latency_is_used_not_measured_again(tmp_path_factory):
 
         cfg = load_study(kdsearch.cli.find_study_file("digits"), [a for a in FAST if a != "--set"])
         study = open_study(cfg, "digits", open_storage(f"sqlite:///{folder}/optuna.db"))
-        knobs = {"base_width": 8, "width": 1.0, "depth": 2, "convs_per_stage": 1, "channel_multiple": 8}
+        knobs = {"base_width": 8, "width": 1.0, "depth": 2, "convs_per_stage": 1,
+                 "channel_multiple": StudyConfig().student.channel_multiple}
         baseline = StudentSpec("convnet", (1, 8, 8), 10, knobs)  # width 1.0 x base 8, depth (1 + 3) / 2
         stored = {"params": 1234, "flops": 1, "size_bytes": 1, "latency_ms": 0.5, "latency_iqr_ms": 0.0,
                   "latency": {"device": "cpu"}}

@@ -115,7 +115,7 @@ def test_a_study_made_before_channel_rounding_resumes_as_it_was_made():
         del stored["student"][k]
     resumed = as_it_was_made(cfg, stored)
     assert resumed.student.channel_multiple == 1 and _older_defaults_filled(stored) == _comparable(resumed)
-    assert as_it_was_made(cfg, _comparable(cfg)).student.channel_multiple == 8  # a study made now keeps 8
+    assert as_it_was_made(cfg, _comparable(cfg)).student.channel_multiple == 4  # a study made now keeps 4
 
 
 def test_a_builder_that_does_not_import_stops_the_session_before_the_teacher(workdir, capsys):
@@ -302,7 +302,7 @@ def test_every_family_trains_reports_and_exports(mixed_study):
         card = export_matches_student(mixed_study, "digits", first)
         assert card["family"] == family
         assert card["distillation"]["schedule"] == {"separable": "cosine", "resnet": "warmup-cosine"}[family]
-        assert card["architecture"]["knobs"]["channel_multiple"] == 8
+        assert card["architecture"]["knobs"]["channel_multiple"] == StudyConfig().student.channel_multiple
 
 
 def test_a_user_builder_behaves_like_a_built_in(tmp_path_factory):

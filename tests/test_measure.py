@@ -52,7 +52,8 @@ def test_latency_reports_its_settings():
 
 
 def test_latency_in_bfloat16_says_so():
-    lat = measure_latency(build_model(ARCH, 8), (1, 8, 8), LatencyConfig(min_run_time=0.05, dtype="bfloat16"))
+    lat = measure_latency(build_model(ARCH, 8), (1, 8, 8),
+                          LatencyConfig(min_run_time=0.05, dtype="bfloat16", runtime="torch"))
     assert lat.median_ms > 0 and lat.dtype == "bfloat16"
 
 

@@ -46,7 +46,8 @@ def tracking_server(tmp_path_factory):
 
 
 def kill_a_worker_mid_trial(study_name: str, url: str, parent_pid: int, timeout: float = 120) -> int:
-    """SIGKILL the worker of a trial that has been running for a while; return that trial's number."""
+    """SIGKILL the worker of a trial that has been training for a while (its MLflow run started); return that
+    trial's number."""
     storage = open_storage(url)  # one engine for the whole poll: a new one each time leaks connections
     deadline = time.time() + timeout
     try:
@@ -59,7 +60,8 @@ def kill_a_worker_mid_trial(study_name: str, url: str, parent_pid: int, timeout:
             for t in study.get_trials(deepcopy=False, states=[State.RUNNING]):
                 pid = int(t.user_attrs.get("worker", ":0").split(":")[-1])
                 started = t.datetime_start.timestamp() if t.datetime_start else time.time()
-                if pid and pid != parent_pid and time.time() - started > 0.5 and t.number > 0:
+                training = "mlflow_run_id" in t.user_attrs
+                if pid and pid != parent_pid and training and time.time() - started > 0.5 and t.number > 0:
                     os.kill(pid, signal.SIGKILL)
                     return t.number
             time.sleep(0.2)

@@ -1,0 +1,173 @@
+"""Latency in the runtime a student is deployed with: ONNX Runtime over the graph `export` writes, checked against
+PyTorch first, recorded with its settings everywhere a figure is shown."""
+
+import json
+import statistics
+import time
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from helpers import fast, study_in_new_folder
+from torch import nn
+
+from kdsearch import KdsearchError
+from kdsearch.cli import main
+from kdsearch.config import LatencyConfig, StudyConfig
+from kdsearch.measure import measure_latency
+from kdsearch.models import Architecture, build_model
+from kdsearch.onnx_graph import deployed_graph, mismatch, to_onnx
+
+
+def scale(weight: float) -> nn.Module:
+    """y = weight * x for a 1x1x1 image: outputs worked out by hand."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 1, bias=False))
+    model[1].weight.data.fill_(weight)
+    return model.eval()
+
+
+def test_the_graph_must_match_pytorch_within_the_stated_tolerance():
+    """At x = 1 PyTorch's output is 2.0; the tolerance there is 1e-4 + 1e-3 * 2 = 0.0021. A graph of weight 2.001
+    is off by 0.001 (0.476 of the tolerance: accepted), one of weight 2.01 by 0.01 (4.76: refused)."""
+    one = torch.ones(1, 1, 1, 1)
+    graph = lambda w: to_onnx(scale(w), one)  # noqa: E731
+    assert mismatch(graph(2.0), scale(2.0), one) == 0
+    assert mismatch(graph(2.001), scale(2.0), one) == pytest.approx(0.001 / 0.0021, rel=1e-3)
+    assert mismatch(graph(2.01), scale(2.0), one) == pytest.approx(0.01 / 0.0021, rel=1e-3)
+
+
+def test_a_graph_that_does_not_match_is_refused_naming_the_fix(monkeypatch):
+    import kdsearch.onnx_graph as onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "to_onnx", lambda model, example: to_onnx(scale(2.01), example))
+    with pytest.raises(KdsearchError, match=r"the student's ONNX graph does not match PyTorch .* set latency.runtime"):
+        deployed_graph(scale(2.0), (1, 1, 1), "the student")
+
+
+def test_onnx_runtime_is_the_default_and_says_what_it_timed():
+    import onnxruntime
+
+    lat = measure_latency(build_model(Architecture(1, 10, 4, 2), 8), (1, 8, 8), LatencyConfig(min_run_time=0.05))
+    assert (lat.runtime, lat.runtime_version) == ("onnxruntime", onnxruntime.__version__)
+    assert (lat.device, lat.threads, lat.batch_size, lat.dtype) == ("cpu", 1, 1, "float32")
+    eager = measure_latency(build_model(Architecture(1, 10, 4, 2), 8), (1, 8, 8),
+                            LatencyConfig(min_run_time=0.05, runtime="torch"))
+    assert (eager.runtime, eager.runtime_version) == ("torch", torch.__version__)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("latency.runtime='tvm'", "latency.runtime = 'tvm' is unknown: use one of onnxruntime, torch"),
+    ("latency.dtype='bfloat16'", "set latency.runtime = 'torch' to time other dtypes"),
+])
+def test_a_runtime_it_cannot_use_is_one_line(workdir, capsys, setting, message):
+    assert main(["run-study", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_study_made_before_runtimes_resumes_timed_in_eager_pytorch():
+    """Its stored config has no latency.runtime and was made with channel counts rounded to 8."""
+    from kdsearch.study import _comparable, _older_defaults_filled, as_it_was_made
+
+    cfg = StudyConfig()
+    made = _comparable(cfg.replace(student=cfg.student.__class__(channel_multiple=8)))
+    del made["latency"]["runtime"]
+    resumed = as_it_was_made(cfg, made)
+    assert (resumed.latency.runtime, resumed.student.channel_multiple) == ("torch", 8)
+    assert _older_defaults_filled(made) == _comparable(resumed)
+
+
+def test_a_builder_onnx_cannot_export_fails_its_trials_with_the_reason_and_the_fix(workdir, capsys):
+    args = ["run-study", *fast(), "--n-trials", "3", "--set", "student.arch='own_students:data_dependent'",
+            "--set", "student.custom.hidden=[4, 16]", "--set", "search.baselines=false"]
+    assert main(args) == 2  # three trials failed the same way: the study stops, saying why
+    out, err = capsys.readouterr()
+    reason = "cannot be exported to ONNX for latency timing"
+    assert out.count(reason) == 3 and "FAIL: the own_students:data_dependent student cannot" in out
+    assert "set latency.runtime = 'torch'" in out and "data-dependent" in out
+    assert reason in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    assert all(reason in t.user_attrs["fail_reason"] for t in study.trials)
+    # timed in eager PyTorch instead, as the message says, the same builder trains
+    assert main([*args, "--study-name", "eager", "--n-trials", "1", "--set", "latency.runtime='torch'"]) == 0
+
+
+def own_timing_ms(path, input_shape: tuple[int, ...]) -> float:
+    """student.onnx timed here without kdsearch: one thread, all graph optimisations, warm-up, the median of 15
+    blocks of 200 runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"images": np.random.default_rng(0).uniform(0, 255, (1, *input_shape)).astype(np.float32)}
+    for _ in range(200):
+        session.run(None, feed)
+    blocks = []
+    for _ in range(15):
+        start = time.perf_counter()
+        for _ in range(200):
+            session.run(None, feed)
+        blocks.append((time.perf_counter() - start) / 200 * 1e3)
+    return statistics.median(blocks)
+
+
+@pytest.fixture(scope="module")
+def families_study(tmp_path_factory):
+    """The digits families study with its defaults' runtime: its six baselines, a complete pair per family."""
+    args = ["digits-families", *fast(), "--n-trials", "6", "--set", "latency.min_run_time=0.2"]
+    with study_in_new_folder(tmp_path_factory, "families", args) as folder:
+        yield folder
+
+
+def test_each_family_exported_and_timed_independently_matches_its_trial_within_25_percent(families_study):
+    """The study's latency is what the deployed student.onnx costs: timed here on its own, the exported file of
+    one student per family reads within 25% of the trial's figure."""
+    study = optuna.load_study(study_name="digits-families", storage=f"sqlite:///{families_study}/optuna.db")
+    assert study.user_attrs["latency"]["runtime"] == "onnxruntime"
+    per_family = {}
+    for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        per_family.setdefault(t.user_attrs["family"], t)
+    assert sorted(per_family) == ["convnet", "resnet", "separable"]
+    for family, trial in per_family.items():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(families_study)
+            assert main(["export", "--study-name", "digits-families", "--trial", str(trial.number)]) == 0
+        out = families_study / "exports" / "digits-families" / f"trial-{trial.number}"
+        card = json.loads((out / "card.json").read_text())
+        assert card["latency"]["runtime"] == "onnxruntime" and card["latency"]["threads"] == 1
+        ours = own_timing_ms(out / "student.onnx", (1, 8, 8))
+        ratio = trial.user_attrs["latency_ms"] / ours
+        print(f"{family}: trial {trial.user_attrs['latency_ms']:.4f} ms, own timing {ours:.4f} ms ({ratio:.2f}x)")
+        assert 0.75 <= ratio <= 1.25, f"{family}: the trial's latency is {ratio:.2f}x the exported graph's"
+
+
+def test_the_runtime_is_named_on_every_record_of_a_figure(families_study):
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    study = optuna.load_study(study_name="digits-families", storage=f"sqlite:///{families_study}/optuna.db")
+    front = pd.read_csv(families_study / "reports" / "digits-families" / "pareto.csv")
+    assert set(front["latency_runtime"]) == {"onnxruntime"} and set(front["latency_threads"]) == {1}
+    assert set(front["latency_batch_size"]) == {1} and set(front["latency_dtype"]) == {"float32"}
+    html = (families_study / "reports" / "digits-families" / "pareto.html").read_text()
+    assert "latency (ms): onnxruntime" in html
+    client = MlflowClient(f"sqlite:///{families_study}/mlflow.db")
+    params = client.get_run(study.trials[0].user_attrs["mlflow_run_id"]).data.params
+    assert params["latency_runtime"] == "onnxruntime" and params["latency_runtime_version"]
+
+
+def test_a_study_whose_students_are_all_slower_than_its_teacher_says_why(tmp_path, capsys):
+    from kdsearch.report import report_study
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("teacher", {"val_acc": 0.99, "params": 100_000, "latency_ms": 0.1})
+    for params, latency in ((1_000, 0.2), (200_000, 0.05)):
+        attrs = {"params": params, "latency_ms": latency, "test_acc": 0.9}
+        study.add_trial(optuna.trial.create_trial(values=[0.9, params, latency], user_attrs=attrs))
+    report_study(study, tmp_path)
+    out = capsys.readouterr().out
+    assert "hypervolume 0.0000" in out
+    assert ("hypervolume 0: no student is both smaller and faster than the teacher (1 of 2 as slow or slower than "
+            "its 0.1 ms, the fastest 0.05 ms; 1 as large or larger)") in out
