@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "MLflow run.")
     _add_common(rep)
 
-    exp = commands.add_parser("export", help="export a student as TorchScript and ONNX with a JSON card",
+    exp = commands.add_parser("export", help="export a student as a torch.export program and ONNX, with a JSON card",
                               description="Pick a student (a trial, or the most accurate within a bound), write "
                                           "exports/<study>/trial-N/{student.pt2,student.onnx,card.json} and log it "
                                           "as an MLflow model on its trial's run.")

@@ -47,9 +47,11 @@ def split_folders(root: Path) -> dict[str, Path]:
     named = [p for p in folders if p.name.lower() in SPLIT_NAMES]
     splits = {SPLIT_NAMES[p.name.lower()]: p for p in named}
     if len(splits) < len(named):
-        twins = [p.name for p in named if SPLIT_NAMES[p.name.lower()] == "val"]
-        raise KdsearchError(f"image folder '{root}' has two folders for one split ({', '.join(twins)}): keep one "
-                            "of val/, valid/, validation/")
+        split = next(s for s in splits if sum(SPLIT_NAMES[p.name.lower()] == s for p in named) > 1)
+        twins = [p.name for p in named if SPLIT_NAMES[p.name.lower()] == split]
+        names = [f"{n}/" for n, s in SPLIT_NAMES.items() if s == split]
+        raise KdsearchError(f"image folder '{root}' has {len(twins)} folders for the {split} split "
+                            f"({', '.join(twins)}): keep one of {', '.join(names)}")
     if not splits:
         return {"train": root}
     others = [p.name for p in folders if p.name.lower() not in SPLIT_NAMES]

@@ -27,6 +27,7 @@ from kdsearch.distill import Normalizer
 from kdsearch.engine import configure_device, release_memory_after_failure
 from kdsearch.measure import latency_settings, measure_latency, runtime_label, runtime_of, warm_up
 from kdsearch.models import Architecture, build_model, build_student
+from kdsearch.progress import TrialStatus
 from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_attrs, stale_trial_callback
 from kdsearch.students import middle_knobs, student_spec
 from kdsearch.study import as_it_was_made, open_study
@@ -134,8 +135,8 @@ def params_line(params: dict) -> str:
     return " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
-def print_progress(target: int, started: float, complete_only: bool = False):
-    """An Optuna callback printing one line per finished trial."""
+def print_progress(target: int, started: float, complete_only: bool = False, status: TrialStatus | None = None):
+    """An Optuna callback printing one line per finished trial (above the running trials' `status` line)."""
     lock = threading.Lock()  # trials may end in several threads (see `run_trials`)
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -156,7 +157,11 @@ def print_progress(target: int, started: float, complete_only: bool = False):
         if "warm_start" in a:
             tail += f" [warm start from {a['warm_start']}]"
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
-        print(f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)", flush=True)
+        line = f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)"
+        if status is not None:
+            status.print(line)
+        else:
+            print(line, flush=True)
     callback.mine = 0
     return callback
 
@@ -230,7 +235,9 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     study, client, run_id = session.study, session.ctx.client, session.ctx.study_run_id
     failures = stop_on_repeated_failure()
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    progress = print_progress(until_complete or cfg.search.n_trials, time.time(), bool(until_complete))
+    session.ctx.status = TrialStatus()
+    progress = print_progress(until_complete or cfg.search.n_trials, time.time(), bool(until_complete),
+                              session.ctx.status)
     callbacks = [progress, release_memory_after_failure, failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
     print(f"study '{study.study_name}': {finished} trials so far, running "

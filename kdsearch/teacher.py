@@ -31,6 +31,7 @@ from kdsearch.models import (
     load_checkpoint,
     torchvision_model,
 )
+from kdsearch.progress import Progress
 from kdsearch.timing_lock import training_epoch
 
 
@@ -92,7 +93,9 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         t = cfg.teacher
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
                                  seed=cfg.seed, augment=cfg.data.augment)
-        train(model, data.train.to(device), data.val.to(device), normalize, settings, epoch_guard=training_epoch)
+        progress = Progress("training the teacher, epoch", t.epochs)
+        train(model, data.train.to(device), data.val.to(device), normalize, settings, epoch_guard=training_epoch,
+              on_epoch=lambda epoch, loss, acc: progress.update(epoch, f"val_acc {acc:.4f}"))
     logits = split_logits(model, data.train.to(device), normalize)
     metrics = {
         "val_acc": accuracy(model, data.val.to(device), normalize),

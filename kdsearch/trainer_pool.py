@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdsearch import first_line
 from kdsearch.config import LatencyConfig
 from kdsearch.data import Split, StreamingSplit
 from kdsearch.distill import Normalizer, Teacher, TrainSettings, train
@@ -49,6 +50,10 @@ from kdsearch.timing_lock import training_epoch
 _PR_SET_PDEATHSIG = 1  # from linux/prctl.h
 _IN_PARENT = None  # a free slot holding this marks "train in the parent process" (its trainer died)
 _INHERITED = None  # the workload, while forking: a forked process reads it here instead of receiving a copy
+
+
+class _CannotTrain(Exception):
+    """A started process answered that it cannot train (torch refuses autograd in a fork after a backward pass)."""
 
 
 class _Stop(Exception):
@@ -81,10 +86,14 @@ class TrainerPool:
         self._free: queue.Queue = queue.Queue()
         self._timer, self._timer_lock = None, threading.Lock()
         self.closing = False
+        self._why: str | None = None  # why the last start failed, where it was not the forks' refusal to train
         conns = self._start("fork", size, work)
         if conns is None and _main_is_importable():
             conns = self._start("forkserver", size, work)
-        if conns is None:
+        if conns is None and self._why:
+            print(f"trials train one at a time in this process: its training processes could not start "
+                  f"({self._why})", flush=True)
+        elif conns is None:
             print("trials train one at a time in this process: its forks cannot train (torch refuses autograd in a "
                   "fork once a backward pass has run here), and a fresh process would run this script again; run "
                   "`python -m kdsearch`, or call run_study from a module", flush=True)
@@ -109,11 +118,12 @@ class TrainerPool:
                 proc.start()
                 theirs.close()
             if any(_recv(mine) != "ready" for _, mine in started):
-                raise EOFError
+                raise _CannotTrain
             if method != "fork":
                 for _, mine in started[:-1]:
                     _send(mine, work)
-        except Exception:  # noqa: BLE001 - a process that cannot start or be sent the workload: train here instead
+        except Exception as e:  # noqa: BLE001 - a process that cannot start or be sent the workload: train here
+            self._why = None if isinstance(e, _CannotTrain) else f"{method}: {type(e).__name__}: {first_line(e)}"
             for proc, mine in started:
                 if proc.pid is not None:
                     proc.kill()

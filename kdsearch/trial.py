@@ -25,6 +25,7 @@ from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.measure import count_flops, count_params, deployable, measure_latency, size_bytes
 from kdsearch.models import FAMILIES, StudentSpec, build_student, channels_of
 from kdsearch.onnx_graph import TORCH_GLOBALS
+from kdsearch.progress import TrialStatus
 from kdsearch.pruning import NoPruner, Pruned, epoch_pruner, limit_reason, limit_violations
 from kdsearch.storage import worker_identity
 from kdsearch.students import sample_student, student_spec, training_settings
@@ -47,6 +48,7 @@ class StudyContext:
     study_run_id: str
     costs: dict = field(default_factory=dict)  # this process's copy of the study's costs (see `study_cost`)
     pool: TrainerPool | None = None  # processes that train the students (see `trainer_pool`), or none
+    status: TrialStatus | None = None  # the running trials' status line on the console, or none
 
 
 def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:
@@ -226,14 +228,20 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
         with timer("tracking"):
             epochs.add({"train_loss": train_loss, "val_acc": val_acc}, step=epoch)
             history.append(val_acc)
+            if ctx.status is not None:
+                ctx.status.epoch(trial.number, epoch, cfg.distill.epochs, val_acc)
         if epoch < cfg.distill.epochs:  # after the last epoch the result is known: completing it costs nothing
             pruner.after_epoch(trial, epoch, val_acc)
 
+    if ctx.status is not None:
+        ctx.status.started(trial.number)
     try:
         if ctx.pool is not None:
             return ctx.pool.train(model, settings, log_epoch, timer)
         return train_locally(Workload.of(ctx), model, settings, log_epoch, timer)
     finally:  # once, however training ends: the pruner reads it from finished trials only (MLflow has each epoch)
+        if ctx.status is not None:
+            ctx.status.ended(trial.number)
         with timer("tracking"):
             epochs.flush()
             if history:

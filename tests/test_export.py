@@ -36,3 +36,14 @@ def test_exported_files_predict_like_the_student(study_folder, capsys):
     assert card["distillation"]["temperature"] == trial.params["temperature"]
     assert card["distillation"]["schedule"] == "cosine"
     assert card["latency"]["threads"] == 1 and card["latency"]["batch_size"] == 1 and card["teacher"]["params"] > 0
+
+
+def test_export_help_names_what_it_writes(capsys):
+    from kdsearch.cli import main
+
+    for args in (["--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "torch.export" in out and "ONNX" in out and "TorchScript" not in out

@@ -96,3 +96,17 @@ def test_a_timing_inside_a_training_epoch_is_refused_not_deadlocked():
         pass
     with timing_alone():  # and the locks were all released
         pass
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_timing_a_latency_leaves_the_global_generator_alone(runtime):
+    """Students are built from the global generator seeded per trial, in other threads meanwhile: a timing must not
+    draw from it (its input batch once did, and a student's initial weights then depended on timing)."""
+    import torch
+
+    model = build_model(ARCH, 8)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    measure_latency(model, (1, 8, 8), LatencyConfig(min_run_time=0.01, runtime=runtime))
+    assert torch.equal(torch.rand(3), expected)

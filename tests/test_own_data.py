@@ -55,7 +55,12 @@ def test_val_folder_labels_classes_as_train_does_even_when_it_lacks_one(tmp_path
     (lambda r: (images(r), (r / "emu").mkdir()), "the class folder(s) emu hold no images"),
     (lambda r: (images(r / "train"), images(r / "val", classes=("cat", "owl"))),
      "has classes that"),
-    (lambda r: (images(r / "train"), images(r / "val"), images(r / "valid")), "has two folders for one split"),
+    (lambda r: (images(r / "train"), images(r / "val"), images(r / "valid")),
+     "has 2 folders for the val split (val, valid): keep one of val/, valid/, validation/"),
+    (lambda r: (images(r / "train"), images(r / "Train"), images(r / "test")),
+     "has 2 folders for the train split (Train, train): keep one of train/"),
+    (lambda r: (images(r / "train"), images(r / "test"), images(r / "TEST")),
+     "has 2 folders for the test split (TEST, test): keep one of test/"),
 ])
 def test_trees_that_would_be_misread_are_one_line_errors(tmp_path, make, expected):
     make(tmp_path)

@@ -346,3 +346,21 @@ def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
         search.run_trials(session, 2, [], SimpleNamespace(reason=None))
     assert sorted(ended) == [0, 1]
     assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]
+
+
+def test_a_pool_that_cannot_start_says_why_and_trains_here(ctx, monkeypatch, capsys):
+    import multiprocessing.context as contexts
+
+    def refuse(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    for kind in ("ForkProcess", "ForkServerProcess"):
+        monkeypatch.setattr(getattr(contexts, kind), "start", refuse)
+    pool = TrainerPool(Workload.of(ctx), size=2)
+    try:
+        out = capsys.readouterr().out
+        assert "its training processes could not start (forkserver: OSError: [Errno 11] Resource temporarily" in out
+        assert pool.size == 1  # one trial at a time, trained here
+        assert pool.train(student(), SETTINGS, lambda *a: None, PhaseTimer(torch.device("cpu"))) > 0.5
+    finally:
+        pool.close()

@@ -1,0 +1,58 @@
+"""Progress on long work: the teacher's epochs and the running trials, in place on a terminal, at a steady rate in a
+file or a pipe."""
+
+import io
+
+import pytest
+from helpers import fast
+
+import kdsearch.progress as progress
+from kdsearch.cli import main
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """perf_counter and monotonic read `now[0]`."""
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    return now
+
+
+def test_a_file_gets_a_line_at_most_every_interval_and_always_the_last(clock):
+    out = io.StringIO()
+    bar = progress.Progress("teacher epoch", 4, out, interval_s=10)
+    for epoch, at in ((1, 104.0), (2, 108.0), (3, 115.0), (4, 116.0)):
+        clock[0] = at
+        bar.update(epoch, f"val_acc 0.{epoch}")
+    # epoch 1 after 4 s: 4 s an epoch, 3 to go; epoch 2 is 4 s after the last line (skipped); epoch 3 after 15 s:
+    # 5 s an epoch, 1 to go; the last always
+    assert out.getvalue().splitlines() == ["teacher epoch: 1/4 val_acc 0.1 (4 s, about 12 s left)",
+                                           "teacher epoch: 3/4 val_acc 0.3 (15 s, about 5 s left)",
+                                           "teacher epoch: 4/4 val_acc 0.4 (16 s, done)"]
+
+
+def test_a_terminal_keeps_the_line_in_place_and_prints_finished_work_above_it(clock):
+    out = Terminal()
+    status = progress.TrialStatus(out)
+    status.started(3)
+    clock[0] = 110.0
+    status.epoch(3, 1, 4, 0.5)
+    status.print("trial 2 finished")
+    status.ended(3)
+    assert out.getvalue() == (progress.CLEAR + "running: trial 3 epoch 1/4 val_acc 0.5000 (about 30 s left)"
+                              + progress.CLEAR + "trial 2 finished\n"
+                              + "running: trial 3 epoch 1/4 val_acc 0.5000 (about 30 s left)"
+                              + progress.CLEAR)
+
+
+def test_a_study_shows_the_teachers_epochs_and_its_running_trials(workdir, capsys):
+    assert main(["run-study", *fast(distill_epochs=2, teacher_epochs=2), "--n-trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "training the teacher, epoch: 1/2 val_acc" in out and "training the teacher, epoch: 2/2 val_acc" in out
+    assert "running: trial " in out and " epoch 1/2 val_acc " in out
