@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from kdsearch import KdsearchError, __version__
+from kdsearch.credentials import DEFAULT_STORAGE, STORAGE_ENV, TRACKING_ENV, default_storage, masked
 
 DEFAULT_STUDY = "digits"
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 
 
 def find_study_file(name: str) -> Path:
@@ -107,8 +107,10 @@ def study_name(text: str) -> str:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study-name", type=study_name,
                    help="Optuna study name (default: the study file's name; report: 'digits')")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db here)")
+    p.add_argument("--storage", help=f"Optuna storage URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE}); give a "
+                   f"URL with a password in ${STORAGE_ENV}: options show in every process list")
+    p.add_argument("--tracking-uri", help=f"MLflow tracking URI (default: ${TRACKING_ENV}, else MLflow's own, "
+                   "sqlite:///mlflow.db here)")
     p.add_argument("--reports-dir", default="reports", help="where reports go (default: %(default)s)")
 
 
@@ -137,11 +139,9 @@ def cmd_run_study(args: argparse.Namespace) -> None:
 
 
 def _worker_args(args: argparse.Namespace, study_file: Path, overrides: list[str], name: str) -> list[str]:
-    """The command line of one worker: the same study, stores and overrides."""
-    out = [str(study_file.resolve()), "--storage", args.storage, "--cache-dir", args.cache_dir,
-           "--study-name", args.study_name or name]
-    if args.tracking_uri:
-        out += ["--tracking-uri", args.tracking_uri]
+    """The command line of one worker: the same study and overrides (its stores come in its environment, see
+    `credentials.worker_environment`)."""
+    out = [str(study_file.resolve()), "--cache-dir", args.cache_dir, "--study-name", args.study_name or name]
     for item in overrides:
         out += ["--set", item]
     return out
@@ -177,11 +177,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "storage"):
+        args.storage = args.storage or default_storage()
     _quiet_libraries()
     try:
         {"run-study": cmd_run_study, "report": cmd_report, "export": cmd_export}[args.command](args)
     except KdsearchError as e:
-        print(f"kdsearch: error: {e}", file=sys.stderr)
+        print(f"kdsearch: error: {masked(str(e))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of our output went away (`| head`); Python's docs' recipe, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -415,12 +415,14 @@ def load_and_report(study_name: str, storage: str, tracking_uri: str | None, rep
 
 def load_existing_study(study_name: str, storage: str) -> optuna.Study:
     from kdsearch import KdsearchError
+    from kdsearch.credentials import masked
     from kdsearch.storage import open_storage
 
     try:
         return optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:
-        raise KdsearchError(f"no study '{study_name}' in {storage}: pass --study-name and --storage of a study "
+        raise KdsearchError(f"no study '{study_name}' in {masked(storage)}: pass --study-name and --storage of a study "
                             "made by run-study") from None
     except (ValueError, ImportError) as e:
-        raise KdsearchError(f"cannot open Optuna storage {storage!r} ({e}): pass a valid --storage URL") from None
+        raise KdsearchError(f"cannot open Optuna storage {masked(storage)!r} ({masked(str(e))}): pass a valid "
+                            "--storage URL") from None

@@ -20,6 +20,7 @@ import optuna
 from mlflow import MlflowClient
 
 from kdsearch import KdsearchError, first_line, tracking
+from kdsearch.credentials import masked
 
 JOURNAL = "journal:"
 RETRY_KEEPS = ("baseline", "baseline_pair", "seed", "warm_start")  # user attributes a re-queued trial inherits
@@ -42,7 +43,7 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
         except OSError as e:
             raise KdsearchError(f"cannot open journal file {path} ({e}): pass a writable path") from None
     if "://" not in url:
-        raise KdsearchError(f"--storage {url!r} is not a storage URL: use sqlite:///optuna.db, "
+        raise KdsearchError(f"--storage {masked(url)!r} is not a storage URL: use sqlite:///optuna.db, "
                             "postgresql+psycopg2://USER@HOST/DB or journal:PATH")
     heartbeat = {} if is_sqlite(url) else {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
                                            "heartbeat_stale_trial_callback": on_stale}
@@ -51,8 +52,8 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
     except Exception as e:  # sqlalchemy's many connection and URL errors
-        raise KdsearchError(f"cannot open Optuna storage {url!r} ({first_line(e)}): check the --storage URL and "
-                            "that the database server is running and reachable") from None
+        raise KdsearchError(f"cannot open Optuna storage {masked(url)!r} ({masked(first_line(e))}): check the "
+                            "--storage URL and that the database server is running and reachable") from None
 
 
 def peek_study_attrs(url: str, study_name: str) -> dict:

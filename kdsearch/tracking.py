@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from kdsearch import KdsearchError, first_line
+from kdsearch.credentials import masked
 
 ROLE = "kdsearch.role"
 # MLflow 3's UI opens an experiment by its kind: without this tag it may guess "GenAI" and show traces, not runs.
@@ -34,9 +35,9 @@ def open_client(tracking_uri: str | None, study_name: str) -> MlflowClient:
         experiment_id(client, study_name)
         return client
     except Exception as e:  # MLflow wraps store, network and file errors differently per backend
-        raise KdsearchError(f"cannot write to the MLflow tracking store {tracking_uri or mlflow.get_tracking_uri()} "
-                            f"({first_line(e)[:300]}): pass a writable --tracking-uri, or start the tracking "
-                            "server") from None
+        where = masked(tracking_uri or mlflow.get_tracking_uri())
+        raise KdsearchError(f"cannot write to the MLflow tracking store {where} ({masked(first_line(e))[:300]}): "
+                            "pass a writable --tracking-uri, or start the tracking server") from None
 
 
 def experiment_id(client: MlflowClient, study_name: str) -> str:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
+from kdsearch.credentials import masked
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, correct
 from kdsearch.engine import PhaseTimer, prepare_model
@@ -127,7 +128,7 @@ def _objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, i
         tracking.end_trial_run(ctx.client, run_id, "FAIL", "interrupted (Ctrl-C)", interrupted=True)
         raise
     except Exception as e:
-        reason = f"{type(e).__name__}: {e}"
+        reason = masked(f"{type(e).__name__}: {e}")
         trial.set_user_attr("fail_reason", reason)
         tracking.end_trial_run(ctx.client, run_id, "FAIL", reason)
         raise
@@ -140,7 +141,7 @@ def unexpected(e: Exception) -> str:
     """An error nobody foresaw, with where it was raised: `KeyError: 'x' (at torch/fx/traceback.py:363)`."""
     frames = traceback.extract_tb(e.__traceback__)
     where = f" (at {'/'.join(Path(frames[-1].filename).parts[-3:])}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {e}{where}"
+    return masked(f"{type(e).__name__}: {e}{where}")
 
 
 def seeded_student(spec: StudentSpec, seed: int) -> torch.nn.Module:

@@ -22,6 +22,7 @@ import torch
 
 from kdsearch import KdsearchError
 from kdsearch.config import StudyConfig
+from kdsearch.credentials import worker_environment
 from kdsearch.storage import fail_dead_local_trials, is_sqlite
 
 
@@ -46,7 +47,8 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     for i in range(workers):
         procs.append(subprocess.Popen([sys.executable, "-m", "kdsearch", "run-study", *worker_args,
                                        "--until-complete", str(target), *_worker_settings(workers, i, device)],
-                                      env={**os.environ, "KDSEARCH_WORKER": str(i)}))
+                                      env={**os.environ, **worker_environment(storage, tracking_uri),
+                                           "KDSEARCH_WORKER": str(i)}))
     try:
         codes = watch(procs, study, session.ctx.client)
     except KeyboardInterrupt:

@@ -21,9 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_postgres() -> tuple[str, callable] | None:
+def start_postgres(password: str | None = None) -> tuple[str, callable] | None:
     """A private PostgreSQL server in a fresh folder under /tmp (the postgres user must reach it), or None where
-    its binaries or the postgres user are missing."""
+    its binaries or the postgres user are missing. With a `password`, TCP connections must give it (SCRAM)."""
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if not bins or os.geteuid() != 0 or shutil.which("runuser") is None:
         return None
@@ -34,14 +34,22 @@ def start_postgres() -> tuple[str, callable] | None:
     def as_postgres(*cmd: str) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
 
-    as_postgres(str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres")
+    if password is None:
+        as_postgres(str(bindir / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "postgres")
+    else:
+        (folder / "pw").write_text(password)
+        shutil.chown(folder / "pw", "postgres", "postgres")
+        as_postgres(str(bindir / "initdb"), "-D", str(folder / "data"), "--auth-local=trust",
+                    "--auth-host=scram-sha-256", f"--pwfile={folder / 'pw'}", "-U", "postgres")
+        (folder / "pw").unlink()
     as_postgres(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l", str(folder / "log"), "-o",
                 f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")
 
     def stop() -> None:
         as_postgres(str(bindir / "pg_ctl"), "-D", str(folder / "data"), "-m", "immediate", "stop")
         shutil.rmtree(folder, ignore_errors=True)
-    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", stop
+    user = f"postgres:{password}" if password else "postgres"
+    return f"postgresql+psycopg2://{user}@127.0.0.1:{port}/postgres", stop
 
 
 def start_mlflow_server(folder: Path) -> tuple[str, callable]:

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from services import start_mlflow_server, start_postgres
 
 from kdsearch.cli import _worker_args, build_parser
+from kdsearch.credentials import default_storage, worker_environment
 from kdsearch.storage import open_storage
 from kdsearch.workers import _worker_settings
 
@@ -146,9 +147,15 @@ def test_every_option_reaches_the_workers(tmp_path):
             "--study-name", "s", "--set", "distill.epochs=3"]
     args = parser.parse_args(argv)
     overrides = ["distill.epochs=3", "search.n_trials=5", "search.timeout=60.0", "data.data_dir='/data'"]
-    worker = parser.parse_args(["run-study", *_worker_args(args, tmp_path / "digits.toml", overrides, "digits"),
-                                *_worker_settings(3, 1, args.device)])
-    for key in ("storage", "tracking_uri", "study_name", "cache_dir", "device"):
+    worker_argv = ["run-study", *_worker_args(args, tmp_path / "digits.toml", overrides, "digits"),
+                   *_worker_settings(3, 1, args.device)]
+    assert "--storage" not in worker_argv and "--tracking-uri" not in worker_argv  # they come in its environment
+    worker = parser.parse_args(worker_argv)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in worker_environment(args.storage, args.tracking_uri).items():
+            mp.setenv(name, value)
+        assert (default_storage(), os.environ["MLFLOW_TRACKING_URI"]) == ("journal:/j", "http://m:5000")
+    for key in ("study_name", "cache_dir", "device"):
         assert getattr(worker, key) == getattr(args, key), key
     assert set(overrides) <= set(worker.set) and "engine.threads" in " ".join(worker.set)
     assert isinstance(worker, argparse.Namespace)
