@@ -98,10 +98,15 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
     if isinstance(storage, str):
         storage = open_storage(storage)
     earlier = _earlier_study(warm_start_from, storage) if warm_start_from else None  # before anything is made
-    try:
-        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
-                                    sampler=make_sampler(cfg), pruner=study_pruner(cfg.search, cfg.distill.epochs),
-                                    load_if_exists=True)
+    sampler, pruner = make_sampler(cfg), study_pruner(cfg.search, cfg.distill.epochs)
+    try:  # made here, or already there: only the process that makes it enqueues its first trials
+        try:
+            study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
+                                        sampler=sampler, pruner=pruner)
+            made_here = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+            made_here = False
     except (ValueError, optuna.exceptions.StorageInternalError) as e:
         raise KdsearchError(f"cannot open study '{study_name}' ({first_line(e)}): check --storage") from None
     if [d.name.lower() for d in study.directions] != directions:
@@ -115,12 +120,13 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
                             "or resume with the file it was started with")
     if study.metric_names is None:  # optuna-dashboard shows these names (also for studies made before they were set)
         study.set_metric_names(METRIC_NAMES[cfg.search.mode])
-    new = not study.trials
+    # Not `not study.trials`: two hosts that open a new study at the same moment would both see it empty
+    new = made_here
     if earlier is not None:
         if new:
             enqueue_front(study, cfg, earlier, skip_baselines=cfg.search.baselines)
         else:
-            print(f"--warm-start-from {warm_start_from}: study '{study_name}' already has trials; nothing enqueued")
+            print(f"--warm-start-from {warm_start_from}: study '{study_name}' already exists; nothing enqueued")
     if cfg.search.baselines and new:
         enqueue_baselines(study, cfg)
     return study

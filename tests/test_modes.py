@@ -146,3 +146,34 @@ def test_gp_sampler_runs_a_pareto_study(workdir):
     args = ["run-study", "--n-trials", "3", *FAST, "--set", "search.sampler='gp'", "--set", "search.pruner='none'"]
     assert main(args) == 0
     assert [t.state for t in load(workdir).trials] == [State.COMPLETE] * 3
+
+
+def test_two_hosts_opening_a_new_study_at_once_enqueue_one_baseline_pair(tmp_path, monkeypatch):
+    """Both open the study before either has enqueued anything (a barrier holds the first enqueue until the second
+    gets there, or 5 s): only the one that made the study enqueues its pair."""
+    import threading
+
+    import kdsearch.study
+    from kdsearch.config import StudyConfig
+    from kdsearch.storage import open_storage
+
+    barrier = threading.Barrier(2, timeout=5)
+    enqueue = kdsearch.study.enqueue_baselines
+
+    def held(study, cfg):
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:  # the other host never came to enqueue
+            pass
+        enqueue(study, cfg)
+
+    monkeypatch.setattr(kdsearch.study, "enqueue_baselines", held)
+    storage = open_storage(f"journal:{tmp_path}/study.journal")
+    hosts = [threading.Thread(target=kdsearch.study.open_study, args=(StudyConfig(), "shared", storage))
+             for _ in range(2)]
+    for host in hosts:
+        host.start()
+    for host in hosts:
+        host.join()
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert sorted(t.user_attrs["baseline"] for t in study.trials) == ["kd", "no-kd"]
