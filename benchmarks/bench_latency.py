@@ -2,8 +2,9 @@
 
     python benchmarks/bench_latency.py [--width 16] [--depth 3] [--image-size 28]
 
-Uses the study file defaults (CPU, 1 thread, batch 1, torch.utils.benchmark after warm-up). Target: the medians
-within 10% of each other. A naive time.time() loop over the same calls is printed beside it for reference.
+Uses the study file defaults (ONNX Runtime, CPU, 1 thread, batch 1, kdsearch's protocol). Target: the medians
+within 10% of each other. A naive time.time() loop over the same graph (ONNX Runtime's default threads, no warm-up)
+is printed beside it for reference.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import argparse
 import statistics
 import time
 
-import torch
+import numpy as np
 
 from kdsearch.config import LatencyConfig
-from kdsearch.measure import measure_latency
+from kdsearch.measure import deployable, measure_latency
 from kdsearch.models import Architecture, build_model
 
 
-def naive_ms(model, x, n: int = 200) -> float:
-    with torch.inference_mode():
-        start = time.time()
-        for _ in range(n):
-            model(x)
-        return (time.time() - start) / n * 1e3
+def naive_ms(graph: bytes, shape, n: int = 200) -> float:
+    """The same ONNX graph in a session of the default settings (all cores), timed with time.time, no warm-up."""
+    import onnxruntime as ort
+
+    run = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run
+    feed = {"images": np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype(np.float32)}
+    start = time.time()
+    for _ in range(n):
+        run(None, feed)
+    return (time.time() - start) / n * 1e3
 
 
 def main() -> None:
@@ -43,7 +48,8 @@ def main() -> None:
         medians.append(lat.median_ms)
         print(f"run {i + 1}: median {lat.median_ms:.4f} ms (IQR {lat.iqr_ms:.4f} ms, {lat.threads} thread, "
               f"batch {lat.batch_size}, {lat.device})")
-    naive = [naive_ms(model, torch.randn(1, *shape)) for _ in range(args.repeats)]
+    graph = deployable(model, shape, cfg)
+    naive = [naive_ms(graph, shape) for _ in range(args.repeats)]
     for name, values in (("benchmark.Timer", medians), ("naive time.time", naive)):
         spread = (max(values) - min(values)) / statistics.median(values)
         print(f"{name}: medians {min(values):.4f}..{max(values):.4f} ms, spread {100 * spread:.1f}% of the median")

@@ -13,6 +13,7 @@ are on one front only are named.
 from __future__ import annotations
 
 import argparse
+import os
 
 import optuna
 
@@ -95,7 +96,7 @@ def study_fronts(name: str, storage: str, tracking_uri: str | None) -> None:
     for trial, family, ms in sorted(rows, key=lambda r: r[0].values[1]):
         on = [r for r in RUNTIMES if trial.number in fronts[r]]
         if on:
-            print(f"{trial.number:>5} {family:<10} {trial.values[1]:>7,} {trial.values[0]:>7.4f} "
+            print(f"{trial.number:>5} {family:<10} {int(trial.values[1]):>7,} {trial.values[0]:>7.4f} "
                   f"{trial.user_attrs['test_acc']:>8.4f} {ms['torch']:>9.3f} {ms['onnxruntime']:>8.3f}  "
                   f"{' and '.join(on) if len(on) == 2 else on[0] + ' only'}")
 
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--storage", default="sqlite:///optuna.db")
     parser.add_argument("--tracking-uri")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.study:
         study_fronts(args.study, args.storage, args.tracking_uri)
     else:
