@@ -6,6 +6,7 @@ logged, never returned to the sampler.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -62,7 +63,18 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
     except Exception as e:
         if not trial.user_attrs.get("fail_reason"):
             trial.set_user_attr("fail_reason", str(e) if isinstance(e, KdsearchError) else unexpected(e))
+        if "mlflow_run_id" not in trial.user_attrs:  # it failed before its run started: the run says why too
+            _failed_run(ctx, trial, trial.user_attrs["fail_reason"])
         raise
+
+
+def _failed_run(ctx: StudyContext, trial: optuna.Trial, reason: str) -> None:
+    """A FAILED run for a trial that failed before its own run started (unless MLflow itself is what failed)."""
+    with contextlib.suppress(Exception):
+        run_id = tracking.start_trial_run(ctx.client, ctx.experiment_id, ctx.study_run_id, trial.study.study_name,
+                                          trial.number, dict(trial.params))
+        trial.set_user_attr("mlflow_run_id", run_id)
+        tracking.end_trial_run(ctx.client, run_id, "FAIL", reason)
 
 
 def _objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, int, float]:

@@ -124,20 +124,23 @@ def test_a_process_killed_on_sqlite_leaves_nothing_running_once_resumed(workdir)
             running = load(workdir).get_trials(states=[State.RUNNING])
         except Exception:  # the study is not made yet
             continue
-        if running and "mlflow_run_id" in running[0].user_attrs:
+        if running and all("mlflow_run_id" in t.user_attrs for t in running):  # each past its latency timing
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed = load(workdir).get_trials(states=[State.RUNNING])  # one per training process
-    assert killed and all(trial_runs(workdir)[str(t.number)].info.status == "RUNNING" for t in killed)
+    # a trial the kill caught in its latency timing (the other thread may have started one) has no run yet
+    tracked = [t for t in killed if "mlflow_run_id" in t.user_attrs]
+    assert tracked and all(trial_runs(workdir)[str(t.number)].info.status == "RUNNING" for t in tracked)
 
     assert main(["run-study", "--n-trials", "2", *slow]) == 0  # the retries (and the other baseline, if not run)
     study = load(workdir)
     for lost in killed:
         assert study.trials[lost.number].state == State.FAIL
         assert study.trials[lost.number].user_attrs["fail_reason"] == f"worker {lost.user_attrs['worker']} died"
-        run = trial_runs(workdir)[str(lost.number)]
-        assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"].endswith("died")
+        if lost in tracked:
+            run = trial_runs(workdir)[str(lost.number)]
+            assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"].endswith("died")
         retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
         assert [t.state for t in retry] == [State.COMPLETE] and retry[0].params == lost.params
         assert "fail_reason" not in retry[0].user_attrs

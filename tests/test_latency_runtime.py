@@ -89,6 +89,12 @@ def test_a_builder_onnx_cannot_export_fails_its_trials_with_the_reason_and_the_f
     assert reason in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
     assert all(reason in t.user_attrs["fail_reason"] for t in study.trials)
+    from mlflow import MlflowClient  # and each failed trial has a FAILED run that says why
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in study.trials]
+    assert {r.info.status for r in runs} == {"FAILED"}
+    assert all(reason in r.data.tags["kdsearch.reason"] and r.data.params["hidden"] for r in runs)
     # timed in eager PyTorch instead, as the message says, the same builder trains
     assert main([*args, "--study-name", "eager", "--n-trials", "1", "--set", "latency.runtime='torch'"]) == 0
 
