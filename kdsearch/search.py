@@ -31,7 +31,7 @@ from kdsearch.progress import TrialStatus
 from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_attrs, stale_trial_callback
 from kdsearch.students import middle_knobs, student_spec
 from kdsearch.study import as_it_was_made, open_study
-from kdsearch.teacher import Teacher, get_teacher
+from kdsearch.teacher import Teacher, get_teacher, teacher_key
 from kdsearch.trainer_pool import processes_for, trainer_pool
 from kdsearch.trial import StudyContext, objective
 
@@ -62,6 +62,7 @@ def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name:
     require_same_data(study_attrs, data, cfg, study_name)
     for family in families(cfg.student):
         build_student(student_spec(family, middle_knobs(cfg, family), data.input_shape, data.num_classes))
+    require_same_teacher(study_attrs, cfg, data, device, study_name)
     data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
     teacher = get_teacher(cfg, data, device, cache_dir)  # its own .to(device) calls are no-ops now
     return data, teacher, Normalizer(data.mean, data.std, device)
@@ -76,6 +77,20 @@ def require_same_data(study_attrs: dict, data: Dataset, cfg: StudyConfig, study_
                             "--study-name to start a study on the data as they are now")
 
 
+def require_same_teacher(study_attrs: dict, cfg: StudyConfig, data: Dataset, device: torch.device,
+                         study_name: str) -> None:
+    """A study resumes with the teacher it was made with: new trials would distill from another one, and its
+    figures (the hypervolume's reference) would change under the old trials. A key made before keys held the
+    training precision is the same teacher."""
+    made_with = study_attrs.get("teacher", {}).get("key")
+    key = teacher_key(cfg, data, device)
+    if made_with and made_with not in (key, teacher_key(cfg, data)):
+        raise KdsearchError(f"study '{study_name}' was made with teacher {made_with}, and this session's teacher "
+                            f"would be {key} (its checkpoint file, its settings, its training precision or "
+                            "kdsearch's teacher family changed): restore them, or pass a new --study-name to start "
+                            "a study with this teacher")
+
+
 def teacher_figures(teacher: Teacher) -> dict:
     figures = {k: teacher.metrics[k] for k in ("val_acc", "test_acc", "params", "flops", "latency_ms")}
     return {**figures, "seconds": teacher.metrics.get("seconds", 0.0)}
@@ -87,7 +102,8 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     teacher_params = {**dataclasses.asdict(cfg.teacher), "dataset": cfg.data.dataset, "seed": cfg.seed}
     stored = study.user_attrs.get("teacher", {})
     figures = teacher_figures(teacher)
-    if stored.get("key") == teacher.key:  # the study's first session measured it: one figure per study, like students'
+    if stored.get("key") in (teacher.key, teacher_key(cfg, data)):  # the study's first session measured it: one
+        # figure per study, like students' (the second key: as made before keys held the training precision)
         figures = {k: stored.get(k, v) for k, v in figures.items()}
     elif not teacher.latency_timed_now:  # a new study times its teacher beside its first students (the reference)
         figures["latency_ms"] = measure_latency(teacher.model, data.input_shape, cfg.latency, what="the teacher",

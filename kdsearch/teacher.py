@@ -20,7 +20,7 @@ from kdsearch import KdsearchError, first_line
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, train
-from kdsearch.engine import prepare_model
+from kdsearch.engine import prepare_model, uses_bf16
 from kdsearch.measure import count_flops, count_params, measure_latency
 from kdsearch.models import (
     FAMILY_VERSION,
@@ -48,9 +48,10 @@ class Teacher:
         return self.train_logits if augment == "none" else self.model
 
 
-def teacher_key(cfg: StudyConfig, data: Dataset) -> str:
-    """Study settings that shape the teacher, and the identity of the data it learns from (`data.fingerprint`:
-    what was loaded, wherever it was loaded from)."""
+def teacher_key(cfg: StudyConfig, data: Dataset, device: torch.device | None = None) -> str:
+    """Study settings that shape the teacher, the identity of the data it learns from (`data.fingerprint`: what was
+    loaded, wherever it was loaded from) and, on `device`, the precision it trains in (bf16 autocast where the
+    device computes bf16 natively). Without a device (or in fp32): the key as it was before it held the precision."""
     settings = asdict(cfg.data)
     for key in ("data_dir", "download", "skip_unreadable", "memory_gb"):
         settings.pop(key)
@@ -58,6 +59,8 @@ def teacher_key(cfg: StudyConfig, data: Dataset) -> str:
               "seed": cfg.seed, "family": FAMILY_VERSION}
     if cfg.teacher.checkpoint:
         fields["checkpoint_sha"] = _file_sha(Path(cfg.teacher.checkpoint))
+    if device is not None and uses_bf16(device) and not cfg.teacher.checkpoint:  # a checkpoint is not trained here
+        fields["precision"] = "bf16"
     text = json.dumps(fields, sort_keys=True)
     return f"{cfg.data.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
@@ -76,7 +79,7 @@ def build_teacher(cfg: StudyConfig, data: Dataset) -> nn.Module:
 
 def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path) -> Teacher:
     """Load the cached teacher, or train (or read the user's checkpoint), measure and cache it."""
-    key = teacher_key(cfg, data)
+    key = teacher_key(cfg, data, device)
     folder = cache_dir / "teachers" / key
     normalize = Normalizer(data.mean, data.std, device)
     if (folder / "meta.json").is_file():
