@@ -316,10 +316,12 @@ def run_trials(session: Session, at_once: int, callbacks: list, failures) -> Non
     # Waited for through events, not `Thread.join`: before Python 3.13 a join that Ctrl-C interrupts can mark its
     # thread ended while it still runs (CPython gh-90882), and the trial it was ending was then left RUNNING.
     dones = [threading.Event() for _ in range(at_once)]
+    threads = [threading.Thread(target=work, args=(done,), name=f"kdsearch-trials-{i}", daemon=True)
+               for i, done in enumerate(dones)]
     with one_ask_at_a_time(study):
-        for i, done in enumerate(dones):
-            threading.Thread(target=work, args=(done,), name=f"kdsearch-trials-{i}", daemon=True).start()
-        try:
+        try:  # a Ctrl-C while the threads start is handled like one while they run
+            for thread in threads:
+                thread.start()
             for done in dones:
                 done.wait()
         except KeyboardInterrupt:  # the threads end their trials as interrupted once the processes are stopped
@@ -327,8 +329,9 @@ def run_trials(session: Session, at_once: int, callbacks: list, failures) -> Non
             if session.ctx.pool is not None:
                 session.ctx.pool.close()
             stop_waiting = time.time() + 60  # the threads end together once the processes are gone
-            for done in dones:
-                done.wait(timeout=max(0.0, stop_waiting - time.time()))
+            for thread, done in zip(threads, dones):
+                if thread.ident is not None or thread.is_alive():  # started, or being started
+                    done.wait(timeout=max(0.0, stop_waiting - time.time()))
             raise
     if errors:
         raise errors[0]

@@ -329,10 +329,18 @@ def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
 
     from kdsearch import search
 
-    ended = []
+    ended, first_started = [], threading.Event()
+    main_thread = threading.main_thread().ident
 
     def slow_objective(ctx, trial):  # still ending its trial when the Ctrl-C arrives; the first thread longest
-        time.sleep(2.5 if threading.current_thread().name.endswith("-0") else 1.0)
+        first = threading.current_thread().name.endswith("-0")
+        if first:
+            first_started.set()
+        else:  # both trials are under way and the main thread waits for them: Ctrl-C then, not after a set delay
+            first_started.wait(10)
+            time.sleep(0.2)
+            signal.pthread_kill(main_thread, signal.SIGINT)
+        time.sleep(2.5 if first else 1.0)
         ended.append(trial.number)
         raise KeyboardInterrupt
 
@@ -340,10 +348,12 @@ def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
     study = optuna.create_study(directions=["maximize"])
     cfg = SimpleNamespace(search=SimpleNamespace(n_trials=2, timeout=0))
     session = SimpleNamespace(study=study, ctx=SimpleNamespace(cfg=cfg, pool=None))
-    main_thread = threading.main_thread().ident
-    threading.Timer(0.5, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
-    with pytest.raises(KeyboardInterrupt):
-        search.run_trials(session, 2, [], SimpleNamespace(reason=None))
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.run_trials(session, 2, [], SimpleNamespace(reason=None))
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert sorted(ended) == [0, 1]
     assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]
 
