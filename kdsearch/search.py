@@ -279,6 +279,7 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     if report:
         client.set_terminated(run_id, "FINISHED")
         report_study(study, Path(reports_dir), client)
+        print(f"MLflow runs: {tracking.runs_page(client, session.ctx.experiment_id)}", flush=True)
     return study
 
 

@@ -27,6 +27,17 @@ def client_for(tracking_uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri)
 
 
+def runs_page(client: MlflowClient, exp_id: str) -> str:
+    """Where the study's runs table is: MLflow 3's UI may open an experiment on its GenAI overview instead."""
+    uri = client.tracking_uri
+    page = f"#/experiments/{exp_id}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"{masked(uri.rstrip('/'))}/{page}"
+    here = uri in ("sqlite:///mlflow.db", f"sqlite:///{Path.cwd() / 'mlflow.db'}")  # MLflow's own default here
+    serve = "mlflow ui" if here else f"mlflow ui --backend-store-uri {masked(uri)}"
+    return f"`{serve}` here, then http://127.0.0.1:5000/{page}"
+
+
 def open_client(tracking_uri: str | None, study_name: str) -> MlflowClient:
     """A client on a store that answers and takes writes (the study's experiment is made here), or a one-line
     error before any study exists."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from kdsearch import KdsearchError
+from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.credentials import worker_environment
 from kdsearch.storage import fail_dead_local_trials, is_sqlite
@@ -66,6 +66,7 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
     if lost:
         print(f"workers {lost} ended with an error or were killed", flush=True)
     report_study(study, Path(reports_dir), session.ctx.client)
+    print(f"MLflow runs: {tracking.runs_page(session.ctx.client, session.ctx.experiment_id)}", flush=True)
     if complete >= target:
         return study
     if timed_out:

@@ -56,3 +56,9 @@ def test_a_study_shows_the_teachers_epochs_and_its_running_trials(workdir, capsy
     out = capsys.readouterr().out
     assert "training the teacher, epoch: 1/2 val_acc" in out and "training the teacher, epoch: 2/2 val_acc" in out
     assert "running: trial " in out and " epoch 1/2 val_acc " in out
+    # the last line leads to the study's runs table (MLflow 3's UI may open the experiment on its GenAI overview)
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_experiment_by_name("digits")
+    assert out.strip().splitlines()[-1] == (f"MLflow runs: `mlflow ui` here, then "
+                                            f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs")
