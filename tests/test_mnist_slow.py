@@ -21,6 +21,7 @@ def test_mnist_teacher_and_a_small_student_reach_their_marks(workdir):
     assert main(["run-study", str(STUDY), "--data-dir", str(DATA), "--n-trials", "20"]) == 0
     study = optuna.load_study(study_name="mnist", storage=f"sqlite:///{workdir}/optuna.db")
     assert study.user_attrs["teacher"]["test_acc"] >= 0.993
+    assert study.user_attrs["latency"]["runtime"] == "onnxruntime"  # the default: the deployed graph is timed
     small = [t for t in study.best_trials if t.user_attrs["params"] <= 30_000]
     chosen = max(small, key=lambda t: t.values[0])  # picked by validation accuracy, as a user would pick it
     print(f"trial {chosen.number}: {chosen.user_attrs['params']:,} params, val_acc {chosen.values[0]:.4f}, "
