@@ -195,8 +195,7 @@ def study_cost(ctx: StudyContext, study: optuna.Study, key: str, model: torch.nn
     if key not in ctx.costs:
         stored = _stored_cost(study, key)
         if stored is None:
-            make = ctx.pool.deployable if ctx.pool is not None else deployable
-            timed = make(model, ctx.data.input_shape, ctx.cfg.latency, what, (ctx.data.mean, ctx.data.std))
+            timed = deployed(ctx, key, model, what)
             with timing_alone():
                 stored = _stored_cost(study, key)  # another worker on this host may have measured it meanwhile
                 if stored is None:
@@ -205,6 +204,23 @@ def study_cost(ctx: StudyContext, study: optuna.Study, key: str, model: torch.nn
                     study.set_user_attr(key, stored)
         ctx.costs[key] = stored
     return json.loads(json.dumps(ctx.costs[key]))  # a copy
+
+
+_GRAPHS: dict[tuple, bytes] = {}  # the ONNX graphs this process has made and checked, by architecture and data
+
+
+def deployed(ctx: StudyContext, key: str, model: torch.nn.Module, what: str) -> torch.nn.Module | bytes:
+    """What the runtime times for architecture `key` (see `measure.deployable`): an ONNX graph is made and checked
+    once per process and architecture (0.5 s each here), since any model of an architecture times alike."""
+    normalize = (tuple(ctx.data.mean), tuple(ctx.data.std))
+    memo = (key, normalize, ctx.cfg.latency.runtime, ctx.cfg.latency.device)
+    if memo not in _GRAPHS:
+        make = ctx.pool.deployable if ctx.pool is not None else deployable
+        timed = make(model, ctx.data.input_shape, ctx.cfg.latency, what, normalize)
+        if not isinstance(timed, bytes):
+            return timed
+        _GRAPHS[memo] = timed
+    return _GRAPHS[memo]
 
 
 def settled_latency(study: optuna.Study, key: str, measured: float) -> float:
