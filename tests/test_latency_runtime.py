@@ -122,7 +122,7 @@ def own_timing_ms(path, input_shape: tuple[int, ...]) -> float:
 @pytest.fixture(scope="module")
 def families_study(tmp_path_factory):
     """The digits families study with its defaults' runtime: its six baselines, a complete pair per family."""
-    args = ["digits-families", *fast(), "--n-trials", "6", "--set", "latency.min_run_time=0.2"]
+    args = ["digits-families", *fast(), "--n-trials", "6", "--set", "latency.min_run_time=0.5"]
     with study_in_new_folder(tmp_path_factory, "families", args) as folder:
         yield folder
 
@@ -143,7 +143,7 @@ def test_each_family_exported_and_timed_independently_matches_its_trial_within_2
         out = families_study / "exports" / "digits-families" / f"trial-{trial.number}"
         card = json.loads((out / "card.json").read_text())
         assert card["latency"]["runtime"] == "onnxruntime" and card["latency"]["threads"] == 1
-        ours = own_timing_ms(out / "student.onnx", (1, 8, 8))
+        ours = statistics.median(own_timing_ms(out / "student.onnx", (1, 8, 8)) for _ in range(3))
         ratio = trial.user_attrs["latency_ms"] / ours
         print(f"{family}: trial {trial.user_attrs['latency_ms']:.4f} ms, own timing {ours:.4f} ms ({ratio:.2f}x)")
         assert 0.75 <= ratio <= 1.25, f"{family}: the trial's latency is {ratio:.2f}x the exported graph's"
