@@ -196,50 +196,42 @@ class TrainerPool:
         `current_meta`), and an export beside another thread's `torch.manual_seed` failed with a KeyError here. A
         student that cannot be pickled is exported in this process, holding `TORCH_GLOBALS` as seeded builds do."""
         args = (model, input_shape, cfg, what, normalize)
-        try:
-            task = pickle.dumps(("deployable", *args))
-        except Exception:  # noqa: BLE001
-            task = None
-        with self._timer_lock:
-            if task is None or self._timer is None:
-                with TORCH_GLOBALS:
-                    return deployable(*args)
-            try:
-                self._timer.send_bytes(task)
-                kind, value = _recv(self._timer)
-            except (EOFError, OSError) as e:
-                self._timer.close()
-                self._timer = None
-                if self.closing:
-                    raise KeyboardInterrupt from e
-                with TORCH_GLOBALS:
-                    return deployable(*args)
-        if kind == "error":
-            raise value
-        return value
+
+        def here():
+            with TORCH_GLOBALS:
+                return deployable(*args)
+        return self._in_timing_process(("deployable", *args), here)
 
     def time_latency(self, timed: nn.Module | bytes, input_shape: tuple[int, ...], cfg: LatencyConfig) -> Latency:
         """`measure.time_deployed` in the timing process, which runs nothing else: in this process the trials' threads
         take the GIL often enough to inflate a timing (0.08 ms became about 60 ms beside a busy thread). The caller
         holds `timing_alone`, so no training epoch runs meanwhile. A forked process must not use more than one
         OpenMP thread (it would hang) nor CUDA: such timings, and students that cannot be pickled, stay here."""
+        here = lambda: time_deployed(timed, input_shape, cfg)  # noqa: E731
+        return self._in_timing_process(("time", timed, input_shape, cfg), here,
+                                       usable=cfg.threads == 1 and cfg.device == "cpu", hold_gil=True)
+
+    def _in_timing_process(self, task: tuple, here, usable: bool = True, hold_gil: bool = False):
+        """The timing process's answer to `task`, or `here()` where the task cannot go there (no timing process, a
+        task that cannot be pickled, `usable` false) or the process died on it."""
         try:
-            task = pickle.dumps(("time", timed, input_shape, cfg))
-        except Exception:  # noqa: BLE001
-            task = None
+            data = pickle.dumps(task)
+        except Exception:  # noqa: BLE001 - pickling raises many kinds
+            data = None
         with self._timer_lock:
-            if task is None or self._timer is None or cfg.threads != 1 or cfg.device != "cpu":
-                return time_deployed(timed, input_shape, cfg)
+            if data is None or self._timer is None or not usable:
+                return here()
             try:
-                self._timer.send_bytes(task)
-                _wait_holding_the_gil(self._timer.fileno())
+                self._timer.send_bytes(data)
+                if hold_gil:
+                    _wait_holding_the_gil(self._timer.fileno())
                 kind, value = _recv(self._timer)
             except (EOFError, OSError) as e:
                 self._timer.close()
                 self._timer = None
                 if self.closing:
                     raise KeyboardInterrupt from e
-                return time_deployed(timed, input_shape, cfg)
+                return here()
         if kind == "error":
             raise value
         return value
