@@ -380,9 +380,6 @@ def check_values(c: StudyConfig, where: str) -> None:
     if c.latency.dtype not in LATENCY_DTYPES or (c.latency.dtype == "float16" and c.latency.device == "cpu"):
         raise KdsearchError(f"{where}: latency.dtype = {c.latency.dtype!r}: use float32 or bfloat16 "
                             "(float16 with a cuda latency.device)")
-    if c.latency.runtime == "onnxruntime" and c.latency.dtype != "float32":
-        raise KdsearchError(f"{where}: latency.dtype = {c.latency.dtype!r} with latency.runtime = 'onnxruntime': "
-                            "its graph is float32; set latency.runtime = 'torch' to time other dtypes")
     if c.latency.device not in ("cpu", "cuda") and not c.latency.device.startswith("cuda:"):
         raise KdsearchError(f"{where}: latency.device = {c.latency.device!r}: use 'cpu' or 'cuda'")
 

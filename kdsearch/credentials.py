@@ -14,13 +14,15 @@ import re
 STORAGE_ENV = "KDSEARCH_STORAGE"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-# scheme://user:password@ -> the password; a password holding '@' or '/' is percent-encoded in a valid URL
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@/\s]*@")
+# scheme://user:password@host: the password runs to the last '@' before a space or quote (SQLAlchemy takes a raw '/'
+# or '@' in it); and a password given as a query parameter
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)[^\s'\"]*@")
+_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd)=)[^&\s'\"]*", re.IGNORECASE)
 
 
 def masked(text: str) -> str:
     """`text` with the password of every URL in it replaced by ***: `postgresql://alice:***@host/db`."""
-    return _USERINFO.sub(lambda m: m["head"] + "***@", text)
+    return _QUERY.sub(lambda m: m["head"] + "***", _USERINFO.sub(lambda m: m["head"] + "***@", text))
 
 
 def default_storage() -> str:

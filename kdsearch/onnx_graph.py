@@ -114,8 +114,11 @@ def deployed_graph(model: nn.Module, input_shape: tuple[int, ...], what: str, no
         raise KdsearchError(f"{what} cannot be exported to ONNX for latency timing ({root_cause(e)}): {fix}, or "
                             "keep its forward traceable by torch.export (no data-dependent Python control "
                             "flow)") from None
-    worst = mismatch(graph, model, torch.rand(3, *input_shape, generator=pixels) * 255)
-    if worst > 1:
+    try:
+        worst = mismatch(graph, model, torch.rand(3, *input_shape, generator=pixels) * 255)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's session or kernels, or the eager forward
+        raise KdsearchError(f"{what}'s ONNX graph does not run in ONNX Runtime ({root_cause(e)}): {fix}") from None
+    if not worst <= 1:  # NaN outputs too
         raise KdsearchError(f"{what}'s ONNX graph does not match PyTorch (outputs differ by {worst:.3g}x the "
                             f"tolerance, atol {ATOL} + rtol {RTOL}): {fix}")
     return graph

@@ -7,6 +7,7 @@ The teacher's epochs use `Progress`; the running trials share one `TrialStatus` 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import threading
 import time
@@ -34,6 +35,8 @@ class Line:
         """A status; a reader that went away (`| head`) is left for the next permanent line to find."""
         with self._lock, contextlib.suppress(OSError, ValueError):
             if self.terminal:
+                if not final:  # one row: CLEAR erases only the row the cursor is on
+                    text = text[:shutil.get_terminal_size().columns - 1]
                 self._shown = "" if final else text
                 self.stream.write(CLEAR + text + ("\n" if final else ""))
             elif final or time.monotonic() - self._last >= self.interval_s:
@@ -48,6 +51,11 @@ class Line:
             else:
                 self.stream.write(text + "\n")
             self.stream.flush()
+
+    def redraw(self, text: str) -> None:
+        """Replace what a terminal shows (a file keeps its lines)."""
+        if self.terminal:
+            self.show(text)
 
     def clear(self) -> None:
         with self._lock, contextlib.suppress(OSError, ValueError):
@@ -99,8 +107,11 @@ class TrialStatus:
     def ended(self, number: int) -> None:
         with self._lock:
             self._trials.pop(number, None)
-            if not self._trials:
-                self.line.clear()
+            text = "running: " + " | ".join(part for _, part in sorted(self._trials.values()))
+        if self._trials:
+            self.line.redraw(text)  # without the trial that ended, which its own line then follows
+        else:
+            self.line.clear()
 
     def print(self, text: str) -> None:
         """A finished trial's line, above the status."""

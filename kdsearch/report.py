@@ -303,10 +303,12 @@ def nothing_beats_the_teacher(study: optuna.Study) -> str:
     slower = sum(a["latency_ms"] >= teacher["latency_ms"] for a in done)
     larger = sum(a["params"] >= teacher["params"] for a in done)
     fastest = min(a["latency_ms"] for a in done)
+    eager = study_latency(study.user_attrs)["runtime"] == "torch"
+    fix = ("search smaller students, or time latency in the runtime they are deployed with (latency.runtime = "
+           "'onnxruntime')" if eager else "search smaller or shallower students")
     return (f"hypervolume 0: no student is both smaller and faster than the teacher ({slower} of {len(done)} as "
             f"slow or slower than its {teacher['latency_ms']:.4g} ms, the fastest {fastest:.4g} ms; {larger} as large "
-            "or larger): search smaller students, or time latency in the runtime they are deployed with "
-            "(latency.runtime = 'onnxruntime')")
+            f"or larger): {fix}")
 
 
 def kd_gain_line(gain: dict) -> str:

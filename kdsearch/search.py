@@ -217,6 +217,9 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     started = time.time()
     made = peek_study_attrs(storage, study_name or cfg.name)
     cfg = as_it_was_made(cfg, made.get("config"))
+    if cfg.latency.runtime == "onnxruntime" and cfg.latency.dtype != "float32":  # after: old studies timed in torch
+        raise KdsearchError(f"latency.dtype = {cfg.latency.dtype!r} with latency.runtime = 'onnxruntime': its graph "
+                            "is float32; set latency.runtime = 'torch' to time other dtypes")
     data, teacher, normalize = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, made)
     print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
           f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)

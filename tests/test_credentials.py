@@ -26,6 +26,9 @@ SECRET = "S3cretPW-kd"
     ("http://bob:pa%40ss@mlflow:5000", "http://bob:***@mlflow:5000"),
     ("cannot open 'mysql://u:p@h/d' nor 'postgresql://v:q@i/e'", "cannot open 'mysql://u:***@h/d' nor "
                                                                   "'postgresql://v:***@i/e'"),
+    ("postgresql+psycopg2://alice:se/cret@127.0.0.1:1/db", "postgresql+psycopg2://alice:***@127.0.0.1:1/db"),
+    ("postgresql://alice:p@ss@h/db", "postgresql://alice:***@h/db"),
+    ("postgresql://alice@h/db?sslmode=require&password=s3cret", "postgresql://alice@h/db?sslmode=require&password=***"),
     ("postgresql://alice@host:5432/db", "postgresql://alice@host:5432/db"),
     ("sqlite:///optuna.db", "sqlite:///optuna.db"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),

@@ -37,6 +37,11 @@ def test_the_graph_must_match_pytorch_within_the_stated_tolerance():
     assert mismatch(graph(2.01), scale(2.0), one) == pytest.approx(0.01 / 0.0021, rel=1e-3)
 
 
+def test_a_graph_whose_outputs_are_nan_is_refused():
+    with pytest.raises(KdsearchError, match="does not match PyTorch"):
+        deployed_graph(scale(float("nan")), (1, 1, 1), "the student")
+
+
 def test_a_graph_that_does_not_match_is_refused_naming_the_fix(monkeypatch):
     import kdsearch.onnx_graph as onnx_graph
 

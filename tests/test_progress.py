@@ -51,6 +51,20 @@ def test_a_terminal_keeps_the_line_in_place_and_prints_finished_work_above_it(cl
                               + progress.CLEAR)
 
 
+def test_a_trial_that_ends_leaves_the_terminal_line_and_a_long_line_fits_the_terminal(clock, monkeypatch):
+    import os
+
+    monkeypatch.setattr(progress.shutil, "get_terminal_size", lambda: os.terminal_size((40, 24)))
+    out = Terminal()
+    status = progress.TrialStatus(out)
+    for n in (3, 4):
+        status.started(n)
+        status.epoch(n, 1, 4, 0.5)
+    status.ended(3)
+    last = out.getvalue().split(progress.CLEAR)[-1]
+    assert last == "running: trial 4 epoch 1/4 val_acc 0.50"  # 39 of 40 columns, and trial 3 is gone
+
+
 def test_a_study_shows_the_teachers_epochs_and_its_running_trials(workdir, capsys):
     assert main(["run-study", *fast(distill_epochs=2, teacher_epochs=2), "--n-trials", "2"]) == 0
     out = capsys.readouterr().out
