@@ -48,9 +48,19 @@ def to_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     # one-line error says what matters
     with TORCH_GLOBALS, _registry_built_once(), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if isinstance(model, torch.jit.ScriptModule):  # a TorchScript teacher checkpoint: torch.export cannot
+            return _scripted_to_onnx(model, example)  # trace TorchScript
         program = torch.onnx.export(model, (example,), None, input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=batch, verbose=False)
     return program.model_proto.SerializeToString()
+
+
+def _scripted_to_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
+    """torch.onnx's TorchScript-based exporter, the one that reads TorchScript (deprecated, still in torch 2.14)."""
+    out = io.BytesIO()
+    torch.onnx.export(model, (example,), out, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return out.getvalue()
 
 
 _REGISTRY: dict = {}
@@ -103,8 +113,8 @@ def deployed_graph(model: nn.Module, input_shape: tuple[int, ...], what: str, no
     outputs matched PyTorch's on a random batch; `what` names the network in the one-line error raised when it
     cannot be exported or does not match."""
     model = _cpu_copy(model)
-    if normalize is not None:
-        model = Deployable(model, *normalize).eval()
+    if normalize is not None and not isinstance(model, torch.jit.ScriptModule):  # a TorchScript teacher is exported
+        model = Deployable(model, *normalize).eval()  # alone: the TorchScript exporter cannot trace it as a part
     pixels = torch.Generator().manual_seed(0)
     example = torch.rand(2, *input_shape, generator=pixels) * 255  # batch 2: a batch of 1 would pin the batch size
     fix = "set latency.runtime = 'torch' for this study"

@@ -182,3 +182,14 @@ def test_a_study_whose_students_are_all_slower_than_its_teacher_says_why(tmp_pat
     assert "hypervolume 0.0000" in out
     assert ("hypervolume 0: no student is both smaller and faster than the teacher (1 of 2 as slow or slower than "
             "its 0.1 ms, the fastest 0.05 ms; 1 as large or larger)") in out
+
+
+def test_a_torchscript_teacher_checkpoint_is_timed_in_onnx_runtime(workdir, capsys):
+    """torch.export cannot trace TorchScript: the TorchScript-based exporter makes its graph."""
+    torch.manual_seed(0)
+    torch.jit.script(build_model(Architecture(1, 10, 8, 2, 2), 8)).save(str(workdir / "teacher.ts"))
+    checkpoint = f"teacher.checkpoint='{workdir / 'teacher.ts'}'"
+    assert main(["run-study", *fast(), "--n-trials", "1", "--set", checkpoint]) == 0
+    assert "latency: timed in onnxruntime" in capsys.readouterr().out
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    assert study.user_attrs["teacher"]["latency_ms"] > 0 and study.user_attrs["latency"]["runtime"] == "onnxruntime"
