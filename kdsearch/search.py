@@ -234,8 +234,12 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     if lost:
         print(f"trials {lost} were left RUNNING by a process that has ended: marked FAIL, their MLflow runs closed, "
               "and queued again", flush=True)
+    runtime, why = runtime_of(cfg.latency)
+    made = study.user_attrs.get("latency", {}).get("runtime")
+    if made and runtime != made:  # one study, one latency axis: a host without ORT's CUDA provider would mix in eager
+        raise KdsearchError(f"study '{study.study_name}' times latency in {made}, and this host would time it in "
+                            f"{runtime} ({why}): run this study's workers where {made} can time it")
     exp_id, study_run_id = start_tracking(cfg, study, data, teacher, client)
-    why = runtime_of(cfg.latency)[1]
     print(f"latency: timed in {runtime_label(study.user_attrs['latency'])}" + (f" ({why})" if why else "")
           + f"; the teacher's {study.user_attrs['teacher']['latency_ms']:.4g} ms", flush=True)
     return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id), dev)
