@@ -28,6 +28,7 @@ from kdsearch.engine import configure_device, release_memory_after_failure
 from kdsearch.measure import latency_settings, measure_latency, runtime_label, runtime_of, warm_up
 from kdsearch.models import Architecture, build_model, build_student
 from kdsearch.progress import TrialStatus
+from kdsearch.shared_teacher import TeacherRun
 from kdsearch.storage import fail_dead_local_trials, open_storage, peek_study_attrs, stale_trial_callback
 from kdsearch.students import middle_knobs, student_spec
 from kdsearch.study import as_it_was_made, open_study
@@ -53,19 +54,22 @@ def resolve_device(name: str | None) -> torch.device:
         raise KdsearchError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
 
 
-def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name: str, study_attrs: dict
-            ) -> tuple[Dataset, Teacher, Normalizer]:
-    """Data on the device and the teacher with its cached logits: checked before any study is created (and, for
-    a study that exists, the data checked against it before any teacher is trained), as is every student family:
-    a builder that does not import or build fails here, not in each trial."""
+def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name: str, study_attrs: dict,
+            tracking_uri: str | None) -> tuple[Dataset, Teacher, Normalizer, MlflowClient]:
+    """Data on the device, the MLflow client and the study's teacher with its cached logits: checked before any
+    study is created (and, for a study that exists, the data checked against it before any teacher is trained),
+    as is every student family: a builder that does not import or build fails here, not in each trial."""
     data = load_dataset(cfg.data, cfg.seed)
     require_same_data(study_attrs, data, cfg, study_name)
     for family in families(cfg.student):
         build_student(student_spec(family, middle_knobs(cfg, family), data.input_shape, data.num_classes))
-    require_same_teacher(study_attrs, cfg, data, device, study_name)
+    key = require_same_teacher(study_attrs, cfg, data, device, study_name)
+    client = tracking.open_client(tracking_uri, study_name)
+    shared = TeacherRun(client, tracking.experiment_id(client, study_name), key, cfg.search.heartbeat_interval,
+                        cfg.search.grace_period)
     data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
-    teacher = get_teacher(cfg, data, device, cache_dir)  # its own .to(device) calls are no-ops now
-    return data, teacher, Normalizer(data.mean, data.std, device)
+    teacher = get_teacher(cfg, data, device, cache_dir, key, shared)  # its own .to(device) calls are no-ops now
+    return data, teacher, Normalizer(data.mean, data.std, device), client
 
 
 def require_same_data(study_attrs: dict, data: Dataset, cfg: StudyConfig, study_name: str) -> None:
@@ -78,17 +82,18 @@ def require_same_data(study_attrs: dict, data: Dataset, cfg: StudyConfig, study_
 
 
 def require_same_teacher(study_attrs: dict, cfg: StudyConfig, data: Dataset, device: torch.device,
-                         study_name: str) -> None:
-    """A study resumes with the teacher it was made with: new trials would distill from another one, and its
-    figures (the hypervolume's reference) would change under the old trials. A key made before keys held the
-    training precision is the same teacher."""
+                         study_name: str) -> str:
+    """The key of the teacher this session uses: the study's, which it resumes with, or this host's for a new
+    study. New trials must not distill from another teacher, nor its figures (the hypervolume's reference) change
+    under the old trials. The study's teacher may have been trained in another precision (bf16 on a GPU host): the
+    hosts share it through MLflow (`get_teacher`)."""
     made_with = study_attrs.get("teacher", {}).get("key")
     key = teacher_key(cfg, data, device)
-    if made_with and made_with not in (key, teacher_key(cfg, data)):
+    if made_with and made_with not in (teacher_key(cfg, data, bf16=False), teacher_key(cfg, data, bf16=True)):
         raise KdsearchError(f"study '{study_name}' was made with teacher {made_with}, and this session's teacher "
-                            f"would be {key} (its checkpoint file, its settings, its training precision or "
-                            "kdsearch's teacher family changed): restore them, or pass a new --study-name to start "
-                            "a study with this teacher")
+                            f"would be {key} (its checkpoint file, its settings or kdsearch's teacher family "
+                            "changed): restore them, or pass a new --study-name to start a study with this teacher")
+    return made_with or key
 
 
 def teacher_figures(teacher: Teacher) -> dict:
@@ -102,15 +107,15 @@ def start_tracking(cfg: StudyConfig, study: optuna.Study, data: Dataset, teacher
     teacher_params = {**dataclasses.asdict(cfg.teacher), "dataset": cfg.data.dataset, "seed": cfg.seed}
     stored = study.user_attrs.get("teacher", {})
     figures = teacher_figures(teacher)
-    if stored.get("key") in (teacher.key, teacher_key(cfg, data)):  # the study's first session measured it: one
-        # figure per study, like students' (the second key: as made before keys held the training precision)
+    if stored.get("key") == teacher.key:  # the study's first session measured it: one figure per study
         figures = {k: stored.get(k, v) for k, v in figures.items()}
     elif not teacher.latency_timed_now:  # a new study times its teacher beside its first students (the reference)
         figures["latency_ms"] = measure_latency(teacher.model, data.input_shape, cfg.latency, what="the teacher",
                                                 normalize=(data.mean, data.std)).median_ms
     teacher_run_id = tracking.teacher_run(client, exp_id, teacher.key, teacher_params, figures,
-                                          teacher.metrics.get("finished_at"))
-    study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"))
+                                          teacher.metrics.get("finished_at"), teacher.run_id, cfg.teacher.epochs)
+    study_run_id = tracking.open_study_run(client, exp_id, study.study_name, study.user_attrs.get("mlflow_run_id"),
+                                           study.user_attrs.get("uid"))
     study.set_user_attr("mlflow_run_id", study_run_id)
     study.set_user_attr("teacher", {**figures, "key": teacher.key, "mlflow_run_id": teacher_run_id})
     if "latency" not in study.user_attrs:  # what every latency of the study means, its teacher's included
@@ -220,12 +225,12 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     if cfg.latency.runtime == "onnxruntime" and cfg.latency.dtype != "float32":  # after: old studies timed in torch
         raise KdsearchError(f"latency.dtype = {cfg.latency.dtype!r} with latency.runtime = 'onnxruntime': its graph "
                             "is float32; set latency.runtime = 'torch' to time other dtypes")
-    data, teacher, normalize = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, made)
-    print(f"teacher {teacher.key}: val_acc {teacher.metrics['val_acc']:.4f} test_acc {teacher.metrics['test_acc']:.4f}"
-          f" params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)", flush=True)
+    data, teacher, normalize, client = prepare(cfg, dev, Path(cache_dir), study_name or cfg.name, made, tracking_uri)
+    print(f"teacher {teacher.key} ({teacher.source}): val_acc {teacher.metrics['val_acc']:.4f} test_acc "
+          f"{teacher.metrics['test_acc']:.4f} params {teacher.metrics['params']:,} ({time.time() - started:.1f} s)",
+          flush=True)
     tiny = build_model(Architecture(data.input_shape[0], data.num_classes, width=8, depth=1), data.input_shape[1])
     warm_up(data.input_shape, cfg.latency, tiny)  # after the teacher's line, whose time it is not
-    client = tracking.open_client(tracking_uri, study_name or cfg.name)
     store = open_storage(storage, stale_trial_callback(client), cfg.search.heartbeat_interval,
                          cfg.search.grace_period)
     study = open_study(cfg, study_name or cfg.name, store, warm_start_from)

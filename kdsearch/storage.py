@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from mlflow import MlflowClient
 
 from kdsearch import KdsearchError, first_line, tracking
@@ -48,9 +50,17 @@ def open_storage(url: str, on_stale: Callable | None = None, heartbeat_interval:
     heartbeat = {} if is_sqlite(url) else {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
                                            "heartbeat_stale_trial_callback": on_stale}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+        for attempt in range(3):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.x
+                    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # hosts that open a new database at the same moment race to create Optuna's tables (PostgreSQL:
+                # duplicate key in pg_type); the loser finds them made when it opens again
+                if attempt == 2:
+                    raise
+                time.sleep(1 + attempt)
     except Exception as e:  # sqlalchemy's many connection and URL errors
         raise KdsearchError(f"cannot open Optuna storage {masked(url)!r} ({masked(first_line(e))}): check the "
                             "--storage URL and that the database server is running and reachable") from None

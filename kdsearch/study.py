@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import uuid
 import warnings
 from collections.abc import Callable
 
@@ -104,6 +105,7 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
             study = optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                         sampler=sampler, pruner=pruner)
             made_here = True
+            study.set_user_attr("uid", uuid.uuid4().hex)  # tells this study's MLflow runs from an earlier namesake's
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
             made_here = False

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from mlflow.entities import Run
 from torch import nn
 
 from kdsearch import KdsearchError, first_line
@@ -32,6 +33,7 @@ from kdsearch.models import (
     torchvision_model,
 )
 from kdsearch.progress import Progress
+from kdsearch.shared_teacher import DIGEST, HOST, TeacherRun
 from kdsearch.timing_lock import training_epoch
 
 
@@ -42,16 +44,18 @@ class Teacher:
     metrics: dict  # val_acc, test_acc, params, flops, latency_ms
     key: str
     latency_timed_now: bool = False  # latency_ms was measured by this process (not read from the cache)
+    source: str = "trained here"  # where this host's teacher came from, said when the session opens
+    run_id: str | None = None  # the study's MLflow teacher run that holds it, when shared
 
     def targets(self, augment: str) -> torch.Tensor | nn.Module:
         """What the distillation loop needs: the cached logits, or the model itself when images are augmented."""
         return self.train_logits if augment == "none" else self.model
 
 
-def teacher_key(cfg: StudyConfig, data: Dataset, device: torch.device | None = None) -> str:
+def teacher_key(cfg: StudyConfig, data: Dataset, device: torch.device | None = None, bf16: bool | None = None) -> str:
     """Study settings that shape the teacher, the identity of the data it learns from (`data.fingerprint`: what was
-    loaded, wherever it was loaded from) and, on `device`, the precision it trains in (bf16 autocast where the
-    device computes bf16 natively). Without a device (or in fp32): the key as it was before it held the precision."""
+    loaded, wherever it was loaded from) and, on `device` (or as `bf16` says), the precision it trains in (bf16
+    autocast where the device computes bf16 natively). In fp32: the key as it was before it held the precision."""
     settings = asdict(cfg.data)
     for key in ("data_dir", "download", "skip_unreadable", "memory_gb"):
         settings.pop(key)
@@ -59,7 +63,9 @@ def teacher_key(cfg: StudyConfig, data: Dataset, device: torch.device | None = N
               "seed": cfg.seed, "family": FAMILY_VERSION}
     if cfg.teacher.checkpoint:
         fields["checkpoint_sha"] = _file_sha(Path(cfg.teacher.checkpoint))
-    if device is not None and uses_bf16(device) and not cfg.teacher.checkpoint:  # a checkpoint is not trained here
+    if bf16 is None:
+        bf16 = device is not None and uses_bf16(device)
+    if bf16 and not cfg.teacher.checkpoint:  # a checkpoint is not trained here
         fields["precision"] = "bf16"
     text = json.dumps(fields, sort_keys=True)
     return f"{cfg.data.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
@@ -77,18 +83,71 @@ def build_teacher(cfg: StudyConfig, data: Dataset) -> nn.Module:
     return build_model(teacher_arch(cfg, data), data.input_shape[1])
 
 
-def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path) -> Teacher:
-    """Load the cached teacher, or train (or read the user's checkpoint), measure and cache it."""
-    key = teacher_key(cfg, data, device)
+def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path, key: str | None = None,
+                shared: TeacherRun | None = None) -> Teacher:
+    """The teacher `key` (this host's own key by default): from this host's cache, from the study's MLflow teacher
+    run (`shared`), or trained here (or read from the user's checkpoint), measured and cached, then logged to that
+    run for the study's other hosts."""
+    own_key = teacher_key(cfg, data, device)
+    key = key or own_key
     folder = cache_dir / "teachers" / key
+    if shared is None:
+        return _local_teacher(cfg, data, device, folder, key, trainable=True)
+    while True:
+        ready = shared.ready()
+        if ready is not None:
+            return _study_teacher(cfg, data, device, folder, key, ready, shared)
+        run_id = shared.claim()
+        if run_id is None:
+            shared.wait()
+            continue
+        with shared.providing(run_id):
+            teacher = _local_teacher(cfg, data, device, folder, key, trainable=key == own_key,
+                                     on_epoch=lambda *epoch: shared.log_epoch(run_id, *epoch))
+            shared.publish(run_id, folder, teacher.metrics["digest"])
+        teacher.run_id = run_id
+        return teacher
+
+
+def _study_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder: Path, key: str, run: Run,
+                   shared: TeacherRun) -> Teacher:
+    """The study's teacher from its ready MLflow run: this host's cache when it holds the same one (refused when it
+    holds another), else the run's files, downloaded into the cache."""
+    study_digest = run.data.tags.get(DIGEST)
+    if (folder / "meta.json").is_file():
+        source = "this host's cache (the study's teacher)"
+    else:
+        shared.download(run, folder)
+        _forget_latency(folder)  # timed on the host that made it: this host times it itself
+        source = f"the study's MLflow run {run.info.run_id}"
+    teacher = _local_teacher(cfg, data, device, folder, key, trainable=False)
+    if teacher.metrics["digest"] != study_digest:
+        raise KdsearchError(f"this host's cached teacher {folder} differs from the study's teacher (MLflow run "
+                            f"{run.info.run_id}, from {run.data.tags.get(HOST, 'another host')}; digest "
+                            f"{teacher.metrics['digest']} against {study_digest}): delete {folder} so that this host "
+                            "loads the study's teacher, or pass another --cache-dir")
+    teacher.source, teacher.run_id = source, run.info.run_id
+    return teacher
+
+
+def _local_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder: Path, key: str, trainable: bool,
+                   on_epoch=None) -> Teacher:
+    """The teacher in this host's cache `folder`, or (when `trainable`) trained here, measured and cached."""
     normalize = Normalizer(data.mean, data.std, device)
     if (folder / "meta.json").is_file():
         cached = _load_cached(folder, cfg, data, device)
         if cached is not None:
             model, logits, metrics = cached
             timed_now = _latency_key(cfg) not in metrics.get("latency_ms_by_settings", {})
+            if "digest" not in metrics:  # cached before teachers were shared
+                metrics["digest"] = weights_digest(model, logits, bool(cfg.teacher.checkpoint))
             metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
-            return Teacher(prepare_model(model, device).eval(), logits, metrics, key, timed_now)
+            return Teacher(prepare_model(model, device).eval(), logits, metrics, key, timed_now,
+                           "this host's cache")
+    if not trainable:
+        raise KdsearchError(f"the study's teacher {key} was trained in another precision on another host, and "
+                            "neither this host's cache nor the study's MLflow run holds it: run this host on the "
+                            "study's MLflow tracking store (--tracking-uri), or copy that host's cache entry here")
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = prepare_model(_build_or_load(cfg, data), device)
@@ -97,8 +156,13 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
                                  seed=cfg.seed, augment=cfg.data.augment)
         progress = Progress("training the teacher, epoch", t.epochs)
+
+        def epoch_done(epoch: int, loss: float, acc: float) -> None:
+            progress.update(epoch, f"val_acc {acc:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch, loss, acc)
         train(model, data.train.to(device), data.val.to(device), normalize, settings, epoch_guard=training_epoch,
-              on_epoch=lambda epoch, loss, acc: progress.update(epoch, f"val_acc {acc:.4f}"))
+              on_epoch=epoch_done)
     logits = split_logits(model, data.train.to(device), normalize)
     metrics = {
         "val_acc": accuracy(model, data.val.to(device), normalize),
@@ -107,10 +171,31 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         "flops": count_flops(model.cpu(), data.input_shape),
         "seconds": time.perf_counter() - started,  # training, logit cache and measurement, paid once
         "finished_at": time.time(),
+        "digest": weights_digest(model, logits, bool(cfg.teacher.checkpoint)),
     }
     _save(folder, model.cpu(), logits, metrics, bool(cfg.teacher.checkpoint))
     metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
-    return Teacher(prepare_model(model, device).eval(), logits, metrics, key, latency_timed_now=True)
+    return Teacher(prepare_model(model, device).eval(), logits, metrics, key, True,
+                   "read from its checkpoint" if cfg.teacher.checkpoint else "trained here")
+
+
+def weights_digest(model: nn.Module, logits: torch.Tensor, from_checkpoint: bool) -> str:
+    """What identifies a teacher's figures: its logits over the training images and (unless they are the user's
+    checkpoint file, which the key holds) its weights."""
+    h = hashlib.sha256(logits.detach().float().cpu().contiguous().numpy().tobytes())
+    if not from_checkpoint:
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _forget_latency(folder: Path) -> None:
+    """A downloaded entry's figures that this host measures itself: its latency, and its digest (checked again)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.pop("latency_ms_by_settings", None)
+    meta.pop("digest", None)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def _latency_key(cfg: StudyConfig) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from kdsearch import KdsearchError, first_line
 from kdsearch.credentials import masked
@@ -54,7 +55,12 @@ def open_client(tracking_uri: str | None, study_name: str) -> MlflowClient:
 def experiment_id(client: MlflowClient, study_name: str) -> str:
     exp = client.get_experiment_by_name(study_name)
     if exp is None:
-        return client.create_experiment(study_name, tags=EXPERIMENT_KIND)
+        try:
+            return client.create_experiment(study_name, tags=EXPERIMENT_KIND)
+        except MlflowException as e:  # another host made it a moment ago
+            exp = client.get_experiment_by_name(study_name)
+            if exp is None:
+                raise e from None
     for key, value in EXPERIMENT_KIND.items():
         if key not in exp.tags:  # made by an earlier kdsearch
             client.set_experiment_tag(exp.experiment_id, key, value)
@@ -106,9 +112,14 @@ def log_json(client: MlflowClient, run_id: str, name: str, value: Any) -> None:
 
 
 def teacher_run(client: MlflowClient, exp_id: str, key: str, params: dict, metrics: dict,
-                finished_at: float | None = None) -> str:
-    """The teacher's run in this experiment, logged once per teacher key and found again afterwards. It spans the
-    time the teacher took (`metrics['seconds']`), ending when it was cached (`finished_at`, epoch seconds)."""
+                finished_at: float | None = None, run_id: str | None = None, step: int = 0) -> str:
+    """The teacher's run in this experiment: `run_id` (the study's shared teacher run, see `shared_teacher`), given
+    its figures once; else one logged once per teacher key, spanning the time the teacher took
+    (`metrics['seconds']`) and ending when it was cached (`finished_at`, epoch seconds)."""
+    if run_id is not None:
+        if not client.get_run(run_id).data.params:
+            log_values(client, run_id, params=params, metrics=metrics, step=step)
+        return run_id
     found = client.search_runs(
         [exp_id], filter_string=f"tags.`{ROLE}` = 'teacher' and tags.`kdsearch.teacher_key` = '{key}'", max_results=1)
     if found:
@@ -122,17 +133,32 @@ def teacher_run(client: MlflowClient, exp_id: str, key: str, params: dict, metri
     return run.info.run_id
 
 
-def open_study_run(client: MlflowClient, exp_id: str, study_name: str, run_id: str | None) -> str:
-    """Reopen the study's run when it exists (a resumed study), else create it."""
+def open_study_run(client: MlflowClient, exp_id: str, study_name: str, run_id: str | None, uid: str | None = None
+                   ) -> str:
+    """Reopen the study's run when it exists (a resumed study), else create it: once, when several hosts open a new
+    study at the same moment (each creates one; the oldest of those tagged with the study's `uid` stays)."""
     if run_id:
         try:
             client.update_run(run_id, status="RUNNING")
             return run_id
         except mlflow.exceptions.MlflowException:
             pass  # the tracking store was wiped; start a new study run
-    tags = {ROLE: "study", "optuna.study_name": study_name}
-    run = client.create_run(exp_id, run_name=f"study {study_name}", tags=tags)
-    return run.info.run_id
+    same_study = f"tags.`{ROLE}` = 'study' and tags.`kdsearch.study_uid` = '{uid}'"
+    if uid and (found := oldest(client, exp_id, same_study)) is not None:
+        client.update_run(found, status="RUNNING")
+        return found
+    tags = {ROLE: "study", "optuna.study_name": study_name, **({"kdsearch.study_uid": uid} if uid else {})}
+    mine = client.create_run(exp_id, run_name=f"study {study_name}", tags=tags).info.run_id
+    first = oldest(client, exp_id, same_study) if uid else mine
+    if first != mine:
+        client.delete_run(mine)
+    return first
+
+
+def oldest(client: MlflowClient, exp_id: str, filter_string: str) -> str | None:
+    """The oldest run that matches (ties broken by id, so every host picks the same)."""
+    runs = client.search_runs([exp_id], filter_string)
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
 
 def start_trial_run(client: MlflowClient, exp_id: str, study_run_id: str, study_name: str, number: int,

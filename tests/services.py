@@ -52,11 +52,26 @@ def start_postgres(password: str | None = None) -> tuple[str, callable] | None:
     return f"postgresql+psycopg2://{user}@127.0.0.1:{port}/postgres", stop
 
 
-def start_mlflow_server(folder: Path) -> tuple[str, callable]:
+def new_database(url: str, name: str) -> str:
+    """Create database `name` on the PostgreSQL server of `url`; return its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def start_mlflow_server(folder: Path, backend: str | None = None) -> tuple[str, callable]:
+    """`mlflow server` on loopback: runs in `backend` (SQLite in `folder` by default), artifacts served by the server
+    from `folder`/artifacts."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
+         "--backend-store-uri", backend or f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
