@@ -38,7 +38,17 @@ def configure_device(device: torch.device, threads: int = 0) -> None:
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    return model.to(device=device, memory_format=torch.channels_last)
+    fmt = torch.contiguous_format if has_unsafe_strided_1x1(model) else torch.channels_last
+    return model.to(device=device, memory_format=fmt)
+
+
+def has_unsafe_strided_1x1(model: nn.Module) -> bool:
+    """A 1x1 convolution with a stride and fewer than 8 input channels: on the CPU in channels_last, with one
+    thread, torch 2.14.1's oneDNN kernel for its weight gradient writes outside its buffers (heap corruption:
+    `free(): invalid pointer`, seen here for 2 to 7 input channels, never for 8 or more; the resnet family's
+    downsampling shortcut of narrow students). Such a model trains in the contiguous layout instead."""
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+               for m in model.modules())
 
 
 @functools.cache
