@@ -4,6 +4,7 @@ logits over the training set so that no trial runs the teacher again."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -103,7 +104,7 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
             continue
         with shared.providing(run_id):
             teacher = _local_teacher(cfg, data, device, folder, key, trainable=key == own_key,
-                                     on_epoch=lambda *epoch: shared.log_epoch(run_id, *epoch))
+                                     on_epoch=functools.partial(shared.log_epoch, run_id))
             shared.publish(run_id, folder, teacher.metrics["digest"])
         teacher.run_id = run_id
         return teacher

@@ -70,8 +70,8 @@ def start_mlflow_server(folder: Path, backend: str | None = None) -> tuple[str, 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", backend or f"sqlite:///{folder}/mlflow.db",
          "--artifacts-destination", str(folder / "artifacts")],
+        env={**os.environ, "MLFLOW_BACKEND_STORE_URI": backend or f"sqlite:///{folder}/mlflow.db"},  # as README
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):

@@ -37,9 +37,10 @@ def test_temperature_squared_factor():
 
 
 def test_mixture_of_both_terms():
-    expected = 0.25 * 4 * KL_T2 + 0.75 * CE  # = 0.036341 + 0.519860 = 0.556201
+    # 0.25 * 4 * KL_T2 + 0.75 * CE = 0.036341 + 0.519860 = 0.556201
     assert kd_loss(S, T_LOGITS, Y, temperature=2.0, alpha=0.25).item() == pytest.approx(0.556201, abs=1e-5)
-    assert expected == pytest.approx(0.556201, abs=1e-5)
+    # 0.5 * 1 * KL_T1 + 0.5 * CE = 0.065406 + 0.346574 = 0.411980
+    assert kd_loss(S, T_LOGITS, Y, temperature=1.0, alpha=0.5).item() == pytest.approx(0.411980, abs=1e-5)
 
 
 def test_batch_is_averaged_not_summed():

@@ -28,6 +28,33 @@ def test_study_hypervolume_uses_the_front_and_the_teacher():
     assert study_hypervolume(study) == pytest.approx((1.0 + 0.4 - 0.25) / 6)
 
 
+def test_hypervolume_history_by_hand():
+    from datetime import datetime, timedelta
+
+    from kdsearch.figures import hypervolume_history
+
+    t0 = datetime(2026, 1, 1)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("teacher", TEACHER)
+
+    def add(values, start_s, end_s, state=optuna.trial.TrialState.COMPLETE):
+        trial = optuna.trial.create_trial(values=values, state=state)
+        trial.datetime_start, trial.datetime_complete = t0 + timedelta(seconds=start_s), t0 + timedelta(seconds=end_s)
+        study.add_trial(trial)
+    add(None, 0, 3, optuna.trial.TrialState.FAIL)  # the study's first start; adds no point
+    add([0.8, 100, 1.5], 1, 9)   # trial 1 ends last
+    add([0.5, 10, 1.0], 2, 5)    # trial 2 ends first
+    add([0.4, 10, 1.0], 4, 7)    # dominated by trial 2: the front does not grow
+    history = hypervolume_history(study)
+    assert history["trial"].tolist() == [2, 3, 1] and history["trials"].tolist() == [1, 2, 3]
+    assert history["seconds"].tolist() == [5.0, 7.0, 9.0]  # since the first trial started, failed or not
+    assert history["hypervolume"].tolist() == pytest.approx([1 / 6, 1 / 6, (1.0 + 0.4 - 0.25) / 6])
+    # scored on other figures: every student at twice the latency, against a teacher of 4 ms (the same box, doubled)
+    slower = {"params": 1000, "latency_ms": 4.0}
+    doubled = hypervolume_history(study, slower, lambda t: (*t.values[:2], 2 * t.values[2]))
+    assert doubled["hypervolume"].tolist() == pytest.approx(history["hypervolume"].tolist())
+
+
 def test_paired_standard_error_by_hand():
     # 10 images; kd right where plain is wrong on 3, the reverse on 1: d = +1 x3, -1 x1, 0 x6
     plain = [0, 0, 0, 1, 1, 1, 0, 1, 0, 1]

@@ -78,7 +78,8 @@ def test_a_cpu_host_joins_a_study_whose_teacher_trained_in_bf16(tmp_path, monkey
     # without the study's tracking store, a CPU host cannot make that teacher: refused, not trained in fp32
     monkeypatch.chdir(tmp_path / "cpu")
     args = ["run-study", "--storage", f"journal:{tmp_path}/study.journal", "--tracking-uri",
-            f"sqlite:///{tmp_path}/other.db", "--study-name", "shared", "--n-trials", "1", "--cache-dir", "empty", *FAST]
+            f"sqlite:///{tmp_path}/other.db", "--study-name", "shared", "--n-trials", "1", "--cache-dir", "empty",
+            *FAST]
     assert main(args) == 2
     assert "trained in another precision on another host" in capsys.readouterr().err
 

@@ -1,7 +1,6 @@
 """Several workers on one study (PostgreSQL, journal file): no student sampled twice, a killed worker never makes
 the others wait, options reach every worker, and a target that cannot be reached ends with a clear message."""
 
-import argparse
 import os
 import signal
 import subprocess
@@ -14,10 +13,8 @@ from helpers import fast
 from mlflow import MlflowClient
 from services import start_mlflow_server, start_postgres
 
-from kdsearch.cli import _worker_args, build_parser
-from kdsearch.credentials import default_storage, worker_environment
+from kdsearch.cli import main
 from kdsearch.storage import open_storage
-from kdsearch.workers import _worker_settings
 
 TINY = [*fast(distill_epochs=12), "--set", "search.baselines=false", "--set", "search.heartbeat_interval=1",
         "--set", "search.grace_period=3"]
@@ -140,22 +137,65 @@ def test_workers_honour_the_timeout(tmp_path):
     assert "timeout: " in done.stdout and "of 500 trials are complete" in done.stdout
 
 
-def test_every_option_reaches_the_workers(tmp_path):
-    parser = build_parser()
+class Launched:
+    """A worker process as `run_workers` starts it, recorded instead of run; it ends at once."""
+    returncode = 0
+
+    def __init__(self, argv, env):
+        self.argv, self.env = argv, env
+        LAUNCHED.append(self)
+
+    def poll(self):
+        return 0
+
+
+LAUNCHED: list[Launched] = []
+
+
+def test_every_option_reaches_the_workers(tmp_path, monkeypatch):
+    """What the `--workers` parent really launches, run through the worker's own command line: the same study
+    (every setting but the thread count), stores, device, cache and study name as the parent's session."""
+    import dataclasses
+
+    import kdsearch.search
+    import kdsearch.workers
+
+    seen = {}
+    real_open_session = kdsearch.search.open_session
+
+    def parent_session(cfg, **kwargs):
+        seen["parent"] = (cfg, kwargs)
+        return real_open_session(cfg, **kwargs)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(kdsearch.search, "open_session", parent_session)
+    real_popen = subprocess.Popen
+
+    def launch(argv, **kwargs):  # the workers are recorded; anything else (an ONNX check, say) runs
+        if argv[1:3] == ["-m", "kdsearch"]:
+            return Launched(argv, kwargs["env"])
+        return real_popen(argv, **kwargs)
+    monkeypatch.setattr(kdsearch.workers.subprocess, "Popen", launch)
+    LAUNCHED.clear()
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["run-study", "digits", "--workers", "3", "--device", "cpu", "--timeout", "60", "--n-trials", "5",
-            "--data-dir", "/data", "--cache-dir", "/cache", "--storage", "journal:/j", "--tracking-uri", "http://m:5000",
-            "--study-name", "s", "--set", "distill.epochs=3"]
-    args = parser.parse_args(argv)
-    overrides = ["distill.epochs=3", "search.n_trials=5", "search.timeout=60.0", "data.data_dir='/data'"]
-    worker_argv = ["run-study", *_worker_args(args, tmp_path / "digits.toml", overrides, "digits"),
-                   *_worker_settings(3, 1, args.device)]
-    assert "--storage" not in worker_argv and "--tracking-uri" not in worker_argv  # they come in its environment
-    worker = parser.parse_args(worker_argv)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in worker_environment(args.storage, args.tracking_uri).items():
-            mp.setenv(name, value)
-        assert (default_storage(), os.environ["MLFLOW_TRACKING_URI"]) == ("journal:/j", "http://m:5000")
-    for key in ("study_name", "cache_dir", "device"):
-        assert getattr(worker, key) == getattr(args, key), key
-    assert set(overrides) <= set(worker.set) and "engine.threads" in " ".join(worker.set)
-    assert isinstance(worker, argparse.Namespace)
+            "--cache-dir", str(tmp_path / "cache"), "--storage", f"journal:{tmp_path}/j", "--tracking-uri", tracking,
+            "--study-name", "s", *fast(distill_epochs=3)]
+    assert main(argv) == 2  # the recorded workers ran no trial
+    parent_cfg, parent = seen["parent"]
+    assert len(LAUNCHED) == 3
+    for worker in LAUNCHED:
+        assert worker.argv[:3] == [sys.executable, "-m", "kdsearch"]
+        assert "--storage" not in worker.argv and "--tracking-uri" not in worker.argv  # they come in its environment
+        with monkeypatch.context() as mp:
+            mp.setattr(kdsearch.search, "run_study", lambda cfg, **kw: seen.update(worker=(cfg, kw)))
+            for name, value in worker.env.items():
+                mp.setenv(name, value)
+            assert main(worker.argv[3:]) == 0
+            worker_cfg, kw = seen["worker"]
+            assert kw["storage"] == parent["storage"] and os.environ["MLFLOW_TRACKING_URI"] == tracking
+        assert kw["until_complete"] == 5 and kw["device"] == "cpu"
+        for key in ("study_name", "cache_dir"):
+            assert kw[key] == parent[key], key
+        assert worker_cfg.engine.threads == 1  # this machine's 2 cores split between 3 workers
+        assert dataclasses.replace(worker_cfg, engine=parent_cfg.engine) == parent_cfg
