@@ -65,8 +65,8 @@ def prepare(cfg: StudyConfig, device: torch.device, cache_dir: Path, study_name:
         build_student(student_spec(family, middle_knobs(cfg, family), data.input_shape, data.num_classes))
     key = require_same_teacher(study_attrs, cfg, data, device, study_name)
     client = tracking.open_client(tracking_uri, study_name)
-    shared = TeacherRun(client, tracking.experiment_id(client, study_name), key, cfg.search.heartbeat_interval,
-                        cfg.search.grace_period)
+    shared = TeacherRun(client, tracking.experiment_id(client, study_name), teacher_key(cfg, data, bf16=False),
+                        cfg.search.heartbeat_interval, cfg.search.grace_period)
     data = dataclasses.replace(data, train=data.train.to(device), val=data.val.to(device), test=data.test.to(device))
     teacher = get_teacher(cfg, data, device, cache_dir, key, shared)  # its own .to(device) calls are no-ops now
     return data, teacher, Normalizer(data.mean, data.std, device), client

@@ -25,6 +25,7 @@ from kdsearch import KdsearchError, first_line
 from kdsearch.tracking import ROLE, log_values
 
 KEY, STATE, DIGEST = "kdsearch.teacher_key", "kdsearch.teacher_state", "kdsearch.teacher_digest"
+PRECISE_KEY = "kdsearch.teacher_key_made"  # the key with the precision the provider trained in (`teacher_key`)
 HOST, HEARTBEAT = "kdsearch.host", "kdsearch.heartbeat"
 ARTIFACTS = "teacher"  # the run's artifact folder: teacher.pt (a trained teacher), train_logits.pt, meta.json
 
@@ -34,7 +35,8 @@ def this_host() -> str:
 
 
 class TeacherRun:
-    """The study's teacher run for teacher `key` in experiment `exp_id`."""
+    """The study's teacher run for teacher `key` (its key in fp32, whatever precision its provider trains in) in
+    experiment `exp_id`."""
 
     def __init__(self, client: MlflowClient, exp_id: str, key: str, heartbeat_s: float, grace_s: float,
                  poll_s: float = 2.0):
@@ -114,10 +116,11 @@ class TeacherRun:
             log_values(self.client, run_id, metrics={"epoch": epoch, "train_loss": loss, "val_acc": val_acc},
                        step=epoch)
 
-    def publish(self, run_id: str, folder: Path, digest: str) -> None:
+    def publish(self, run_id: str, folder: Path, digest: str, made_key: str) -> None:
         """Log the cached teacher's files as the run's artifacts, then mark it ready (others load it from then)."""
         self.client.log_artifacts(run_id, str(folder), ARTIFACTS)
         self.client.set_tag(run_id, DIGEST, digest)
+        self.client.set_tag(run_id, PRECISE_KEY, made_key)
         self.client.set_tag(run_id, STATE, "ready")
         self.client.set_terminated(run_id, "FINISHED")
 

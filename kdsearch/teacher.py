@@ -34,7 +34,7 @@ from kdsearch.models import (
     torchvision_model,
 )
 from kdsearch.progress import Progress
-from kdsearch.shared_teacher import DIGEST, HOST, TeacherRun
+from kdsearch.shared_teacher import DIGEST, HOST, PRECISE_KEY, TeacherRun
 from kdsearch.timing_lock import training_epoch
 
 
@@ -91,21 +91,21 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
     run for the study's other hosts."""
     own_key = teacher_key(cfg, data, device)
     key = key or own_key
-    folder = cache_dir / "teachers" / key
     if shared is None:
-        return _local_teacher(cfg, data, device, folder, key, trainable=True)
-    while True:
+        return _local_teacher(cfg, data, device, cache_dir / "teachers" / key, key, trainable=True)
+    while True:  # hosts claim the teacher by its key in fp32, so a bf16 host and an fp32 one share one teacher
         ready = shared.ready()
         if ready is not None:
-            return _study_teacher(cfg, data, device, folder, key, ready, shared)
+            key = ready.data.tags.get(PRECISE_KEY, key)  # the precision it was made in
+            return _study_teacher(cfg, data, device, cache_dir / "teachers" / key, key, ready, shared)
         run_id = shared.claim()
         if run_id is None:
             shared.wait()
             continue
         with shared.providing(run_id):
-            teacher = _local_teacher(cfg, data, device, folder, key, trainable=key == own_key,
-                                     on_epoch=functools.partial(shared.log_epoch, run_id))
-            shared.publish(run_id, folder, teacher.metrics["digest"])
+            teacher = _local_teacher(cfg, data, device, cache_dir / "teachers" / key, key,
+                                     trainable=key == own_key, on_epoch=functools.partial(shared.log_epoch, run_id))
+            shared.publish(run_id, cache_dir / "teachers" / key, teacher.metrics["digest"], key)
         teacher.run_id = run_id
         return teacher
 
@@ -115,6 +115,8 @@ def _study_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder
     """The study's teacher from its ready MLflow run: this host's cache when it holds the same one (refused when it
     holds another), else the run's files, downloaded into the cache."""
     study_digest = run.data.tags.get(DIGEST)
+    if (folder / "meta.json").is_file() and _load_cached(folder, cfg, data, device, "loading the study's") is None:
+        shutil.rmtree(folder)  # damaged: the study's run holds the teacher
     if (folder / "meta.json").is_file():
         source = "this host's cache (the study's teacher)"
     else:
@@ -146,9 +148,10 @@ def _local_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder
             return Teacher(prepare_model(model, device).eval(), logits, metrics, key, timed_now,
                            "this host's cache")
     if not trainable:
-        raise KdsearchError(f"the study's teacher {key} was trained in another precision on another host, and "
-                            "neither this host's cache nor the study's MLflow run holds it: run this host on the "
-                            "study's MLflow tracking store (--tracking-uri), or copy that host's cache entry here")
+        raise KdsearchError(f"the study's teacher {key} trains in another precision (bf16 on a GPU host, fp32 on a "
+                            "CPU) and the study's MLflow tracking store holds no finished copy: let a host of that "
+                            "precision train it (or finish), pass the study's --tracking-uri, or copy that host's "
+                            "cache entry here")
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model = prepare_model(_build_or_load(cfg, data), device)
@@ -241,7 +244,7 @@ def _save(folder: Path, model: nn.Module, logits: torch.Tensor, metrics: dict, f
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.device
+def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.device, instead: str = "building"
                  ) -> tuple[nn.Module, torch.Tensor, dict] | None:
     """The cached teacher, its logits and metrics; None (after saying why) when the entry does not fit the data:
     a model that does not load, or logits without one row per training image and one column per class."""
@@ -259,7 +262,7 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.de
         if tuple(logits.shape) == (len(data.train), data.num_classes):
             return model, logits, metrics
         problem = f"logits of shape {tuple(logits.shape)} for {len(data.train)} images of {data.num_classes} classes"
-    print(f"cached teacher {folder} does not match the data ({problem}): building it again", flush=True)
+    print(f"cached teacher {folder} does not match the data ({problem}): {instead} it again", flush=True)
     return None
 
 

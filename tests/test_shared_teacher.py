@@ -61,6 +61,9 @@ def test_a_second_host_loads_the_study_teacher_and_a_different_one_is_refused(tm
     assert f"delete {entry.relative_to(tmp_path / 'b')} so that" in err
     study = optuna.load_study(study_name="shared", storage=open_storage(f"journal:{tmp_path}/study.journal"))
     assert len(study.trials) == 3  # the refused host added no trial
+    (entry / "train_logits.pt").write_bytes(b"damaged")  # a damaged entry is replaced by the study's
+    assert host(tmp_path, "b", monkeypatch) == 0
+    assert "(the study's MLflow run " in teacher_line(capsys.readouterr().out)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("shared")
     assert len(client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'teacher'")) == 1
@@ -75,13 +78,22 @@ def test_a_cpu_host_joins_a_study_whose_teacher_trained_in_bf16(tmp_path, monkey
     assert host(tmp_path, "cpu", monkeypatch) == 0
     line = teacher_line(capsys.readouterr().out)
     assert line.split()[1] == key and "(the study's MLflow run " in line  # the study's teacher, not its own
+    # a CPU host that starts before the study exists (the GPU host still training its teacher) takes that teacher
+    # too, not one of its own: hosts claim it by its key in fp32
+    monkeypatch.chdir(tmp_path / "cpu")
+    early = ["run-study", "--storage", f"journal:{tmp_path}/not-yet.journal", "--tracking-uri",
+             f"sqlite:///{tmp_path}/mlflow.db", "--study-name", "shared", "--n-trials", "1", "--cache-dir", "early",
+             *FAST]
+    assert main(early) == 0
+    line = teacher_line(capsys.readouterr().out)
+    assert line.split()[1] == key and "(the study's MLflow run " in line
     # without the study's tracking store, a CPU host cannot make that teacher: refused, not trained in fp32
     monkeypatch.chdir(tmp_path / "cpu")
     args = ["run-study", "--storage", f"journal:{tmp_path}/study.journal", "--tracking-uri",
             f"sqlite:///{tmp_path}/other.db", "--study-name", "shared", "--n-trials", "1", "--cache-dir", "empty",
             *FAST]
     assert main(args) == 2
-    assert "trained in another precision on another host" in capsys.readouterr().err
+    assert "trains in another precision (bf16 on a GPU host" in capsys.readouterr().err
 
 
 def test_the_oldest_live_claim_provides_the_teacher(tmp_path):
@@ -105,7 +117,7 @@ def test_the_oldest_live_claim_provides_the_teacher(tmp_path):
     folder = tmp_path / "entry"
     folder.mkdir()
     (folder / "meta.json").write_text("{}")
-    hosts[2].publish(third, folder, "d1g357")
+    hosts[2].publish(third, folder, "d1g357", "digits-abc")
     assert hosts[0].ready().info.run_id == third and hosts[0].claim() is None
     hosts[0].download(hosts[0].ready(), tmp_path / "cache" / "entry")
     assert (tmp_path / "cache" / "entry" / "meta.json").read_text() == "{}"
