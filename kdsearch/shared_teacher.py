@@ -116,13 +116,17 @@ class TeacherRun:
             log_values(self.client, run_id, metrics={"epoch": epoch, "train_loss": loss, "val_acc": val_acc},
                        step=epoch)
 
-    def publish(self, run_id: str, folder: Path, digest: str, made_key: str) -> None:
-        """Log the cached teacher's files as the run's artifacts, then mark it ready (others load it from then)."""
+    def publish(self, run_id: str, folder: Path, digest: str, made_key: str) -> bool:
+        """Log the cached teacher's files as the run's artifacts, then mark it ready (others load it from then).
+        False, publishing nothing, when another host has taken the claim over (this host's heartbeat lapsed)."""
+        if self.client.get_run(run_id).data.tags.get(STATE) != "training":
+            return False
         self.client.log_artifacts(run_id, str(folder), ARTIFACTS)
         self.client.set_tag(run_id, DIGEST, digest)
         self.client.set_tag(run_id, PRECISE_KEY, made_key)
         self.client.set_tag(run_id, STATE, "ready")
         self.client.set_terminated(run_id, "FINISHED")
+        return True
 
     def download(self, run: Run, folder: Path) -> None:
         """The ready run's files into this host's cache `folder` (atomically: a crash leaves no half entry)."""

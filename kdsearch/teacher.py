@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from torch import nn
 
 from kdsearch import KdsearchError, first_line
@@ -93,6 +94,16 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
     key = key or own_key
     if shared is None:
         return _local_teacher(cfg, data, device, cache_dir / "teachers" / key, key, trainable=True)
+    try:
+        return _shared_teacher(cfg, data, device, cache_dir, key, own_key, shared)
+    except MlflowException as e:
+        raise KdsearchError(f"cannot share the study's teacher through the MLflow tracking store "
+                            f"({first_line(e)[:200]}): check --tracking-uri and that its server is running and "
+                            "writable") from None
+
+
+def _shared_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path, key: str, own_key: str,
+                    shared: TeacherRun) -> Teacher:
     while True:  # hosts claim the teacher by its key in fp32, so a bf16 host and an fp32 one share one teacher
         ready = shared.ready()
         if ready is not None:
@@ -102,12 +113,16 @@ def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir
         if run_id is None:
             shared.wait()
             continue
+        folder = cache_dir / "teachers" / key
         with shared.providing(run_id):
-            teacher = _local_teacher(cfg, data, device, cache_dir / "teachers" / key, key,
-                                     trainable=key == own_key, on_epoch=functools.partial(shared.log_epoch, run_id))
-            shared.publish(run_id, cache_dir / "teachers" / key, teacher.metrics["digest"], key)
-        teacher.run_id = run_id
-        return teacher
+            teacher = _local_teacher(cfg, data, device, folder, key, trainable=key == own_key,
+                                     on_epoch=functools.partial(shared.log_epoch, run_id))
+            published = shared.publish(run_id, folder, teacher.metrics["digest"], key)
+        if published:
+            teacher.run_id = run_id
+            return teacher
+        shutil.rmtree(folder, ignore_errors=True)  # another host took over (this one's heartbeat lapsed): the
+        # study's teacher is the one it provides
 
 
 def _study_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder: Path, key: str, run: Run,

@@ -117,7 +117,8 @@ def test_the_oldest_live_claim_provides_the_teacher(tmp_path):
     folder = tmp_path / "entry"
     folder.mkdir()
     (folder / "meta.json").write_text("{}")
-    hosts[2].publish(third, folder, "d1g357", "digits-abc")
+    assert not hosts[1].publish(second, folder, "late", "digits-abc")  # taken over: its late teacher is not the study's
+    assert hosts[2].publish(third, folder, "d1g357", "digits-abc")
     assert hosts[0].ready().info.run_id == third and hosts[0].claim() is None
     hosts[0].download(hosts[0].ready(), tmp_path / "cache" / "entry")
     assert (tmp_path / "cache" / "entry" / "meta.json").read_text() == "{}"
