@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from kdsearch.config import load_study
 from kdsearch.data import Split, load_dataset
 from kdsearch.distill import Normalizer, TrainSettings, accuracy, distill_epoch, kd_loss, make_optimizer, predict_logits
 from kdsearch.engine import configure_device, prepare_model, sync
 from kdsearch.measure import count_params
 from kdsearch.models import Architecture, build_model
+from kdsearch.study_file import load_study
 from kdsearch.teacher import get_teacher
 
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "mnist.toml"

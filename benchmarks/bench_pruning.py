@@ -6,7 +6,7 @@
     python benchmarks/bench_pruning.py --study mnist --set data.data_dir='../shared/data' --set distill.epochs=8
 
 Prints, per seed and pruner, the study's wall time (teacher cached beforehand), its pruned trials, the hypervolume of
-its final front (the report's one definition, `kdsearch.figures.hypervolume`) and the seconds from its first trial
+its final front (the report's one definition, `kdsearch.scores.hypervolume`) and the seconds from its first trial
 until its front reached the final hypervolume of the unpruned study of the same seed ("-" if it never did), and its
 final front's hypervolume, both on the unpruned study's timings (its teacher's and each architecture's latency,
 where the unpruned study timed it); then the
@@ -22,7 +22,7 @@ import statistics
 from common import study_config, timed_study
 from optuna.trial import TrialState
 
-from kdsearch.figures import hypervolume, hypervolume_history, study_hypervolume
+from kdsearch.scores import hypervolume, hypervolume_history, study_hypervolume
 
 COMPLETE = TrialState.COMPLETE
 

@@ -18,9 +18,9 @@ import os
 import optuna
 
 from kdsearch.config import LatencyConfig
-from kdsearch.figures import hypervolume
 from kdsearch.measure import count_params, measure_latency
 from kdsearch.models import Architecture, StudentSpec, build_model, build_student
+from kdsearch.scores import hypervolume
 
 RUNTIMES = ("torch", "onnxruntime")
 MNIST = (1, 28, 28)

@@ -12,7 +12,7 @@ import statistics
 
 from common import study_config, timed_study
 
-from kdsearch.figures import study_hypervolume
+from kdsearch.scores import study_hypervolume
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import optuna
 
-from kdsearch.config import load_study
 from kdsearch.search import run_study
+from kdsearch.study_file import load_study
 
 PHASES = ["train", "evaluate", "measure", "tracking"]
 

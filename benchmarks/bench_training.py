@@ -19,25 +19,23 @@ import time
 import torch
 from common import cpu_distillation
 
-from kdsearch.distill import TrainSettings, train
 from kdsearch.engine import configure_cpu, prepare_model
 from kdsearch.models import build_student
-from kdsearch.students import TRAINING_DEFAULTS, middle_knobs, student_spec
+from kdsearch.students import TRAINING_DEFAULTS, middle_knobs, student_spec, train_settings
+from kdsearch.study import BASELINE_ALPHAS, baseline_distillation
 
 OTHER = {"schedule": {"cosine": "warmup-cosine", "warmup-cosine": "cosine"},
          "decay_norms": {True: False, False: True}, "label_smoothing": {0.0: 0.1, 0.1: 0.0}}
 
 
-def val_acc(cfg, data, teacher, normalize, family: str, training: dict, seed: int) -> float:
+def val_acc(cfg, executor, data, family: str, training: dict, seed: int) -> float:
+    """The family's mid-sized student distilled as the baselines are, with the training defaults `training`."""
     one = cfg.replace(student=dataclasses.replace(cfg.student, arch=family))
-    d = cfg.distill
-    knobs = middle_knobs(one, family)
     torch.manual_seed(seed)
-    model = prepare_model(build_student(student_spec(family, knobs, data.input_shape, data.num_classes)),
-                          torch.device("cpu"))
-    settings = TrainSettings(epochs=d.epochs, lr=math.sqrt(d.lr[0] * d.lr[1]), batch_size=d.batch_size,
-                             weight_decay=d.weight_decay, temperature=4.0, alpha=0.5, seed=seed, **training)
-    return train(model, data.train, data.val, normalize, settings, teacher.train_logits)
+    spec = student_spec(family, middle_knobs(one, family), data.input_shape, data.num_classes)
+    model = prepare_model(build_student(spec), torch.device("cpu"))
+    hp = {**baseline_distillation(cfg), "alpha": BASELINE_ALPHAS["kd"]}
+    return executor.train(model, dataclasses.replace(train_settings(one, family, hp, seed), **training))
 
 
 def main() -> None:
@@ -48,16 +46,16 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     configure_cpu()
-    cfg, data, teacher, normalize = cpu_distillation(args.study, args.set)
+    cfg, data, teacher, _, executor = cpu_distillation(args.study, args.set)
     print(f"{args.study}: {cfg.distill.epochs} epochs, seeds {args.seeds}, teacher val_acc "
           f"{teacher.metrics['val_acc']:.4f}", flush=True)
     for family in args.families:
         started = time.perf_counter()
         default = TRAINING_DEFAULTS[family]
-        base = [val_acc(cfg, data, teacher, normalize, family, default, s) for s in args.seeds]
+        base = [val_acc(cfg, executor, data, family, default, s) for s in args.seeds]
         for key, flip in OTHER.items():
             changed = {**default, key: flip[default[key]]}
-            other = [val_acc(cfg, data, teacher, normalize, family, changed, s) for s in args.seeds]
+            other = [val_acc(cfg, executor, data, family, changed, s) for s in args.seeds]
             diffs = [a - b for a, b in zip(base, other)]
             se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
             print(f"{family:>9} {key}: default {default[key]!s:>13} {statistics.mean(base):.4f}, "

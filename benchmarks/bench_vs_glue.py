@@ -14,7 +14,7 @@ Optuna cannot prune a multi-objective study, so the script trains every trial to
 
 Four arms per seed, each a fresh process in an empty folder, timed end to end (imports included): the script and
 `kdsearch run-study`, each with its teacher trained afresh and with it cached. Both fronts' hypervolumes use the
-one definition (`kdsearch.figures.hypervolume`) with the kdsearch teacher's parameters and latency as reference.
+one definition (`kdsearch.scores.hypervolume`) with the kdsearch teacher's parameters and latency as reference.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str
     from torch.utils import benchmark
     from torch.utils.data import DataLoader, TensorDataset
 
-    from kdsearch.config import load_study
     from kdsearch.data import load_dataset
     from kdsearch.models import Architecture, build_model, convnet
+    from kdsearch.study_file import load_study
 
     cfg = load_study(study_file, overrides)
     torch.manual_seed(cfg.seed)
@@ -128,8 +128,8 @@ def timed(command: list[str], folder: Path) -> float:
 
 
 def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
-    from kdsearch.config import load_study
-    from kdsearch.figures import hypervolume
+    from kdsearch.scores import hypervolume
+    from kdsearch.study_file import load_study
 
     sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
     name = load_study(args.study, sets).name

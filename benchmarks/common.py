@@ -12,8 +12,9 @@ from pathlib import Path
 
 import optuna
 
-from kdsearch.config import StudyConfig, load_study
+from kdsearch.config import StudyConfig
 from kdsearch.search import run_study
+from kdsearch.study_file import load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = str(ROOT / ".kdsearch-cache")
@@ -24,17 +25,21 @@ def study_config(name: str, overrides: list[str]) -> StudyConfig:
 
 
 def cpu_distillation(study: str, overrides: list[str]):
-    """A study's config, data, cached teacher and normalizer on the CPU, for benchmarks that train students by hand."""
+    """A study's config, checked data, cached teacher and normalizer on the CPU, set up as a session sets them up
+    (without the study and its MLflow runs), and the executor a session trains its students with."""
     import torch
 
-    from kdsearch.data import load_dataset
     from kdsearch.distill import Normalizer
+    from kdsearch.execution import InProcess, Workload
+    from kdsearch.session import checked_data
     from kdsearch.teacher import get_teacher
 
     cfg = study_config(study, overrides)
-    data = load_dataset(cfg.data, cfg.seed)
+    data = checked_data(cfg)
     teacher = get_teacher(cfg, data, torch.device("cpu"), Path(CACHE))
-    return cfg, data, teacher, Normalizer(data.mean, data.std, "cpu")
+    normalize = Normalizer(data.mean, data.std, "cpu")
+    work = Workload(data.train, data.val, normalize, teacher.targets(cfg.data.augment), cfg.engine.compile)
+    return cfg, data, teacher, normalize, InProcess(work)
 
 
 def quiet() -> None:

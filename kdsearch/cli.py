@@ -115,8 +115,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run_study(args: argparse.Namespace) -> None:
-    from kdsearch.config import load_study
     from kdsearch.search import run_study
+    from kdsearch.study_file import load_study
 
     overrides = list(args.set)
     if args.n_trials:

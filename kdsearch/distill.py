@@ -91,11 +91,11 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // min(batch_size, n)
 
 
-Teacher = torch.Tensor | nn.Module | None  # cached logits over the training set, or the model run per batch
+TeacherTargets = torch.Tensor | nn.Module | None  # cached logits over the training set, or the model run per batch
 
 
 def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, settings: TrainSettings,
-                  teacher: Teacher, opt, sched, gen: torch.Generator) -> torch.Tensor:
+                  teacher: TeacherTargets, opt, sched, gen: torch.Generator) -> torch.Tensor:
     """One pass over a fresh permutation of the training set; returns the mean loss as a device tensor.
 
     With cached logits the teacher costs one index per batch; with augmentation the images differ every epoch,
@@ -122,7 +122,7 @@ def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, set
     return loss_sum / steps
 
 
-def _teacher_logits(teacher: Teacher, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def _teacher_logits(teacher: TeacherTargets, idx: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     if isinstance(teacher, torch.Tensor):
         return teacher[idx]
     with torch.inference_mode():
@@ -130,9 +130,9 @@ def _teacher_logits(teacher: Teacher, idx: torch.Tensor, inputs: torch.Tensor) -
     return out.clone()  # a normal tensor again, so autograd may keep it for the backward pass
 
 
-def train(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
-          teacher: Teacher = None, on_epoch: EpochCallback | None = None, timer=no_timer,
-          epoch_guard=contextlib.nullcontext) -> float:
+def fit(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalizer, settings: TrainSettings,
+        teacher: TeacherTargets = None, on_epoch: EpochCallback | None = None, timer=no_timer,
+        epoch_guard=contextlib.nullcontext) -> float:
     """Train `model` in place for `settings.epochs` epochs; return the final validation accuracy. Each epoch and
     its validation run inside `epoch_guard()` (see `timing_lock.training_epoch`)."""
     if settings.alpha > 0 and teacher is None:

@@ -1,5 +1,5 @@
-"""Networks for teachers and students, by family. Every family is built from (input shape, classes, knobs), so the
-search, the cost measurement, tracking and export treat them all alike.
+"""Networks for students (and the convnet teacher), by family. Every family is built from (input shape, classes,
+knobs), so the search, the cost measurement, tracking and export treat them all alike.
 
 - `convnet`: `depth` stages of `convs_per_stage` x (3x3 conv without bias, BatchNorm, ReLU), stage i having
   `width * 2**i` channels; the last conv of a stage is followed by a 2x2 max-pool (while the image is larger than
@@ -22,19 +22,16 @@ search, the cost measurement, tracking and export treat them all alike.
   input_shape = (channels, height, width) and the knobs of `[student.custom]`; it returns an `nn.Module` that maps
   a float batch [N, C, H, W] to logits [N, num_classes].
 
-Built-in families round every channel count to a multiple of `channel_multiple` (8 by default): other counts ran
+The teacher's other networks (torchvision models, checkpoints) are in `teacher_network.py`. Built-in families
+round every channel count to a multiple of `channel_multiple` (8 by default): other counts ran
 up to 2x slower per parameter on this CPU, so a sampled width would not cost what its parameter count suggests.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -269,79 +266,3 @@ def build_student(spec: StudentSpec) -> nn.Module:
 def channels_of(model: nn.Module) -> list[int]:
     """Output channels of each conv layer, in order: how wide a student is, whatever its family."""
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-
-class TorchvisionTeacher(nn.Module):
-    """A torchvision classifier fitted to the data: images with other than 3 channels go through a learned 1x1 conv
-    (grey ones are repeated), and images too small for the model are upsampled to the smallest size it takes."""
-
-    def __init__(self, model: nn.Module, in_channels: int, size: int | None):
-        super().__init__()
-        self.model = model
-        self.to_rgb = nn.Conv2d(in_channels, 3, 1) if in_channels not in (1, 3) else None
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.to_rgb(x) if self.to_rgb is not None else x.expand(-1, 3, -1, -1)
-        if self.size is not None:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        out = self.model(x)
-        return out if isinstance(out, torch.Tensor) else out.logits  # inception-style outputs in training mode
-
-
-def torchvision_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> TorchvisionTeacher:
-    import torchvision
-
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        near = difflib.get_close_matches(name, known, n=3)
-        raise KdsearchError(f"teacher.arch = 'torchvision:{name}' is not a torchvision classification model: "
-                            f"use one of {', '.join(near) if near else 'torchvision.models.list_models()'}")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    for size in (None, 32, 64, 96, 128, 224, 299):
-        if size is not None and size <= input_shape[1]:
-            continue
-        teacher = TorchvisionTeacher(model, input_shape[0], size)
-        try:
-            with torch.no_grad():
-                teacher.eval()(torch.zeros(2, *input_shape))
-        except Exception:  # too small for the model (RuntimeError), or a fixed input size (vision transformers)
-            continue
-        return teacher.train()
-    raise KdsearchError(f"teacher.arch = 'torchvision:{name}' accepts none of the image sizes tried up to 299: pick "
-                        "another model")
-
-
-class ExportedModule(nn.Module):
-    """A torch.export program (.pt2) as a module. It runs as it was exported (a teacher in eval mode): `train()`
-    and `eval()` leave it alone, which the program's own module does not allow."""
-
-    def __init__(self, program: nn.Module):
-        super().__init__()
-        self.program = program
-
-    def train(self, mode: bool = True) -> ExportedModule:
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)
-
-
-def load_checkpoint(path: Path) -> nn.Module | None:
-    """A whole model from a torch.export (.pt2) or TorchScript file; None for anything else (a state_dict)."""
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    try:
-        if any(n.endswith("/archive_format") for n in names):
-            return ExportedModule(torch.export.load(str(path)).module())
-        if any("/code/" in n for n in names):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.load is deprecated; a user's TorchScript file still works
-                return torch.jit.load(str(path), map_location="cpu")
-    except Exception as e:
-        raise KdsearchError(f"teacher checkpoint {path} does not load ({first_line(e)[:200]}): export it again with "
-                            "torch.export.save (or torch.jit.save)") from None
-    return None  # torch.save's archive: a state_dict

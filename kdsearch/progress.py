@@ -1,7 +1,8 @@
 """Progress of long work on the console: one line kept in place on a terminal; on a file or a pipe, plain lines
 at most one every `interval_s` seconds (and always the last), so a log stays readable.
 
-The teacher's epochs use `Progress`; the running trials share one `TrialStatus` line.
+The teacher's epochs use `Progress`; the running trials share one `TrialStatus` line, and each finished trial
+prints one line above it (`print_progress`, an Optuna callback).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import shutil
 import sys
 import threading
 import time
+
+import optuna
 
 CLEAR = "\r\x1b[2K"  # back to the line's start, and erase it
 
@@ -116,3 +119,52 @@ class TrialStatus:
     def print(self, text: str) -> None:
         """A finished trial's line, above the status."""
         self.line.print(text)
+
+
+def study_progress(study: optuna.Study, target: int, complete_only: bool, mine: int) -> str:
+    """Workers: `[k/N complete]`, the study's complete trials against the target, whoever ran them. One process:
+    `[i/n, k in the study]`, its own trials against its --n-trials and the study's finished trials (other
+    machines may be adding theirs)."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if complete_only:
+        return f"[{states.count(optuna.trial.TrialState.COMPLETE)}/{target} complete]"
+    return f"[{mine}/{target}, {sum(s.is_finished() for s in states)} in the study]"
+
+
+def params_line(params: dict) -> str:
+    """`arch separable width 1.23 depth 3 ... T 4.00 alpha 0.50 lr 0.055`: the family first, the shared knobs last."""
+    shown = {"T" if k == "temperature" else k.split(".")[-1]: v for k, v in params.items()
+             if k not in ("temperature", "alpha", "lr")}
+    shown.update({"T": params.get("temperature", 0), "alpha": params.get("alpha", 0), "lr": params.get("lr", 0)})
+    return " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+
+
+def print_progress(target: int, started: float, complete_only: bool = False, status: TrialStatus | None = None):
+    """An Optuna callback printing one line per finished trial (above the running trials' `status` line)."""
+    lock = threading.Lock()  # trials may end in several threads (see `run_trials`)
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        with lock:
+            callback.mine += 1
+            mine = callback.mine
+        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, mine)} "
+                f"{params_line(trial.params)}")
+        a = trial.user_attrs
+        cost = f"params {a['params']:,} latency {a['latency_ms']:.3f} ms" if "params" in a else ""
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            tail = f"val_acc {trial.values[0]:.4f} test_acc {a['test_acc']:.4f} {cost}"
+        else:
+            reason = a.get("prune_reason") or a.get("fail_reason", "")
+            tail = f"{trial.state.name}{f' ({cost})' if cost else ''}: {reason}"
+        if "baseline" in a:
+            tail += f" [baseline {a['baseline']}]"
+        if "warm_start" in a:
+            tail += f" [warm start from {a['warm_start']}]"
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        line = f"{head} | {tail} | {seconds:.1f} s (elapsed {time.time() - started:.0f} s)"
+        if status is not None:
+            status.print(line)
+        else:
+            print(line, flush=True)
+    callback.mine = 0
+    return callback

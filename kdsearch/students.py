@@ -15,6 +15,7 @@ import math
 import optuna
 
 from kdsearch.config import IntRange, Range, StudentConfig, StudyConfig, families
+from kdsearch.distill import TrainSettings
 from kdsearch.models import FAMILIES, StudentSpec
 
 SHARED = ("temperature", "alpha", "lr")  # distillation knobs every trial samples
@@ -148,3 +149,13 @@ def training_settings(cfg: StudyConfig, family: str) -> dict:
     """The family's training defaults, with the study file's values where it sets them."""
     defaults = TRAINING_DEFAULTS.get(family, USER_BUILDER_TRAINING)
     return {k: defaults[k] if getattr(cfg.distill, k) == "auto" else getattr(cfg.distill, k) for k in defaults}
+
+
+def train_settings(cfg: StudyConfig, family: str, hp: dict, seed: int) -> TrainSettings:
+    """How a trial trains a student of `family` with its sampled T, alpha and lr (`hp`): the study's schedule, the
+    family's training defaults (`training_settings`) and the trial's seed."""
+    d = cfg.distill
+    training = training_settings(cfg, family)
+    return TrainSettings(epochs=d.epochs, lr=hp["lr"], batch_size=d.batch_size, weight_decay=d.weight_decay,
+                         temperature=hp["temperature"], alpha=hp["alpha"], seed=seed, augment=cfg.data.augment,
+                         **training)

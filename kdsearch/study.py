@@ -166,19 +166,28 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
     learning rate and seed distilled with alpha = 0.5 at T = 4; the report shows the difference. With
     `search.baseline_repeats` > 1, that many pairs, each pair with a seed of its own; with several student
     families, as many pairs for each family."""
-    d = cfg.distill
-    shared = {"temperature": min(max(4.0, d.temperature[0]), d.temperature[1]), "lr": math.sqrt(d.lr[0] * d.lr[1])}
+    shared = baseline_distillation(cfg)
     pair = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # alpha may lie outside the study's range; Optuna warns, then uses it
         for family in families(cfg.student):
             for repeat in range(cfg.search.baseline_repeats):
                 seed = trial_seed(cfg.seed, repeat)
-                for kind, alpha in (("no-kd", 0.0), ("kd", 0.5)):
+                for kind, alpha in BASELINE_ALPHAS.items():
                     study.enqueue_trial({**middle_params(cfg, family), **shared, "alpha": alpha},
                                         user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed,
                                                     "baseline_family": family})
                 pair += 1
+
+
+BASELINE_ALPHAS = {"no-kd": 0.0, "kd": 0.5}
+
+
+def baseline_distillation(cfg: StudyConfig) -> dict:
+    """The baselines' T and learning rate: T = 4 (within the study's range) and the middle of the study's
+    learning-rate range on a log scale."""
+    d = cfg.distill
+    return {"temperature": min(max(4.0, d.temperature[0]), d.temperature[1]), "lr": math.sqrt(d.lr[0] * d.lr[1])}
 
 
 # Keys added to the study file since the first studies, with the value that keeps a study made before each its

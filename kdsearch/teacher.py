@@ -22,25 +22,21 @@ from torch import nn
 from kdsearch import KdsearchError, first_line
 from kdsearch.config import StudyConfig
 from kdsearch.data import Dataset
-from kdsearch.distill import Normalizer, TrainSettings, accuracy, split_logits, train
+from kdsearch.distill import Normalizer, TrainSettings, accuracy, fit, split_logits
 from kdsearch.engine import prepare_model, uses_bf16
-from kdsearch.measure import count_flops, count_params, measure_latency
-from kdsearch.models import (
-    FAMILY_VERSION,
-    Architecture,
-    ExportedModule,
-    TorchvisionTeacher,
-    build_model,
-    load_checkpoint,
-    torchvision_model,
-)
+from kdsearch.execution import InProcess
+from kdsearch.measure import count_flops, count_params
+from kdsearch.models import FAMILY_VERSION
 from kdsearch.progress import Progress
 from kdsearch.shared_teacher import DIGEST, HOST, PRECISE_KEY, TeacherRun
+from kdsearch.teacher_network import build_or_load, build_teacher, file_sha
 from kdsearch.timing_lock import training_epoch
 
 
 @dataclass
 class Teacher:
+    """The study's teacher on this host, ready for the trials."""
+
     model: nn.Module
     train_logits: torch.Tensor  # [N_train, classes], on the training device
     metrics: dict  # val_acc, test_acc, params, flops, latency_ms
@@ -64,25 +60,13 @@ def teacher_key(cfg: StudyConfig, data: Dataset, device: torch.device | None = N
     fields = {"data": settings, "data_fingerprint": data.fingerprint, "teacher": asdict(cfg.teacher),
               "seed": cfg.seed, "family": FAMILY_VERSION}
     if cfg.teacher.checkpoint:
-        fields["checkpoint_sha"] = _file_sha(Path(cfg.teacher.checkpoint))
+        fields["checkpoint_sha"] = file_sha(Path(cfg.teacher.checkpoint))
     if bf16 is None:
         bf16 = device is not None and uses_bf16(device)
     if bf16 and not cfg.teacher.checkpoint:  # a checkpoint is not trained here
         fields["precision"] = "bf16"
     text = json.dumps(fields, sort_keys=True)
     return f"{cfg.data.dataset}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-
-
-def teacher_arch(cfg: StudyConfig, data: Dataset) -> Architecture:
-    t = cfg.teacher
-    return Architecture(data.input_shape[0], data.num_classes, t.width, t.depth, t.convs_per_stage)
-
-
-def build_teacher(cfg: StudyConfig, data: Dataset) -> nn.Module:
-    """The [teacher] architecture, untrained: a convnet or a torchvision model adapted to the data."""
-    if cfg.teacher.arch.startswith("torchvision:"):
-        return torchvision_model(cfg.teacher.arch.partition(":")[2], data.input_shape, data.num_classes)
-    return build_model(teacher_arch(cfg, data), data.input_shape[1])
 
 
 def get_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, cache_dir: Path, key: str | None = None,
@@ -169,19 +153,9 @@ def _local_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder
                             "cache entry here")
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = prepare_model(_build_or_load(cfg, data), device)
+    model = prepare_model(build_or_load(cfg, data), device)
     if not cfg.teacher.checkpoint:
-        t = cfg.teacher
-        settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
-                                 seed=cfg.seed, augment=cfg.data.augment)
-        progress = Progress("training the teacher, epoch", t.epochs)
-
-        def epoch_done(epoch: int, loss: float, acc: float) -> None:
-            progress.update(epoch, f"val_acc {acc:.4f}")
-            if on_epoch is not None:
-                on_epoch(epoch, loss, acc)
-        train(model, data.train.to(device), data.val.to(device), normalize, settings, epoch_guard=training_epoch,
-              on_epoch=epoch_done)
+        train_teacher(model, cfg, data, device, normalize, on_epoch)
     logits = split_logits(model, data.train.to(device), normalize)
     metrics = {
         "val_acc": accuracy(model, data.val.to(device), normalize),
@@ -196,6 +170,22 @@ def _local_teacher(cfg: StudyConfig, data: Dataset, device: torch.device, folder
     metrics["latency_ms"] = _latency(folder, metrics, model, data, cfg)
     return Teacher(prepare_model(model, device).eval(), logits, metrics, key, True,
                    "read from its checkpoint" if cfg.teacher.checkpoint else "trained here")
+
+
+def train_teacher(model: nn.Module, cfg: StudyConfig, data: Dataset, device: torch.device, normalize: Normalizer,
+                  on_epoch=None) -> None:
+    """Train the [teacher] in place on the training images (plain cross-entropy), showing its epochs' progress."""
+    t = cfg.teacher
+    settings = TrainSettings(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, weight_decay=t.weight_decay,
+                             seed=cfg.seed, augment=cfg.data.augment)
+    progress = Progress("training the teacher, epoch", t.epochs)
+
+    def epoch_done(epoch: int, loss: float, acc: float) -> None:
+        progress.update(epoch, f"val_acc {acc:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch, loss, acc)
+    fit(model, data.train.to(device), data.val.to(device), normalize, settings, epoch_guard=training_epoch,
+        on_epoch=epoch_done)
 
 
 def weights_digest(model: nn.Module, logits: torch.Tensor, from_checkpoint: bool) -> str:
@@ -228,8 +218,8 @@ def _latency(folder: Path, metrics: dict, model: nn.Module, data: Dataset, cfg: 
     key = _latency_key(cfg)
     known = metrics.setdefault("latency_ms_by_settings", {})
     if key not in known:
-        known[key] = measure_latency(model, data.input_shape, cfg.latency, what=_what(cfg),
-                                     normalize=(data.mean, data.std)).median_ms
+        known[key] = InProcess().measure_latency(model, data.input_shape, cfg.latency, what=_what(cfg),
+                                                 normalize=(data.mean, data.std)).median_ms
         tmp = folder / f".meta-{os.getpid()}.json"
         tmp.write_text(json.dumps(metrics, indent=1))
         os.replace(tmp, folder / "meta.json")
@@ -265,7 +255,7 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.de
     a model that does not load, or logits without one row per training image and one column per class."""
     try:
         if cfg.teacher.checkpoint:  # the key holds the checkpoint's digest: the file is what was cached
-            model = _build_or_load(cfg, data)
+            model = build_or_load(cfg, data)
         else:
             model = build_teacher(cfg, data)
             model.load_state_dict(torch.load(folder / "teacher.pt", map_location="cpu", weights_only=True))
@@ -281,52 +271,3 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.de
     return None
 
 
-def _build_or_load(cfg: StudyConfig, data: Dataset) -> nn.Module:
-    if not cfg.teacher.checkpoint:
-        return build_teacher(cfg, data)
-    path = Path(cfg.teacher.checkpoint)  # teacher_key has checked that it exists
-    model = load_checkpoint(path)
-    if model is None:
-        model = build_teacher(cfg, data)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(model, TorchvisionTeacher) and not any(k.startswith("model.") for k in state):
-                model = _torchvision_state(model, state)  # the torchvision model's own state_dict
-            else:
-                model.load_state_dict(state)
-        except Exception as e:
-            raise KdsearchError(
-                f"teacher checkpoint {path} is neither a torch.export program (.pt2), TorchScript nor a state_dict "
-                f"of the [teacher] architecture ({first_line(e)}): check teacher.arch/width/depth/convs_per_stage"
-            ) from None
-    _check_output(model, data, path)
-    return model
-
-
-def _torchvision_state(model: TorchvisionTeacher, state: dict) -> TorchvisionTeacher:
-    model.model.load_state_dict(state)
-    if model.to_rgb is not None:
-        raise KdsearchError("a torchvision state_dict has no weights for the layer that maps this data's channels "
-                            "to 3: save the whole kdsearch teacher's state_dict instead")
-    return model
-
-
-def _check_output(model: nn.Module, data: Dataset, path: Path) -> None:
-    try:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(3, *data.input_shape))
-    except Exception as e:
-        hint = (" exported with a dynamic batch size (dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
-                if isinstance(model, ExportedModule) else "")
-        raise KdsearchError(f"teacher checkpoint {path} does not accept images of shape {data.input_shape} "
-                            f"({first_line(e)}): use a teacher made for {data.name}{hint}") from None
-    if out.shape != (3, data.num_classes):
-        raise KdsearchError(f"teacher checkpoint {path} gives {tuple(out.shape)[1:]} outputs, the data has "
-                            f"{data.num_classes} classes: use a teacher made for {data.name}")
-
-
-def _file_sha(path: Path) -> str:
-    if not path.is_file():
-        raise KdsearchError(f"teacher checkpoint {path} not found: fix teacher.checkpoint or leave it empty "
-                            "to train one")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -31,7 +31,7 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
                 warm_start_from: str | None = None) -> optuna.Study:
     """Start `workers` processes of `python -m kdsearch run-study WORKER_ARGS` and wait for them."""
     from kdsearch.report import report_study
-    from kdsearch.search import open_session
+    from kdsearch.session import open_session
 
     if is_sqlite(storage):
         raise KdsearchError("--workers needs a storage that several processes can share: pass --storage "

@@ -6,7 +6,8 @@ from helpers import fast
 
 from kdsearch import KdsearchError
 from kdsearch.cli import main
-from kdsearch.config import StudyConfig, load_study
+from kdsearch.config import StudyConfig
+from kdsearch.study_file import load_study
 
 GOOD = '''
 name = "tiny"

@@ -9,6 +9,7 @@ from helpers import fast, study_in_new_folder
 from mlflow import MlflowClient
 
 import kdsearch.cli
+import kdsearch.costs
 import kdsearch.teacher
 import kdsearch.trial
 from kdsearch.cli import main
@@ -114,7 +115,7 @@ def test_report_csv_holds_exactly_the_non_dominated_trials(first_study):
 
 def test_resume_adds_trials_without_retraining_or_duplicating(first_study, monkeypatch):
     monkeypatch.chdir(first_study)
-    monkeypatch.setattr(kdsearch.teacher, "train", lambda *a, **k: pytest.fail("teacher retrained"))
+    monkeypatch.setattr(kdsearch.teacher, "train_teacher", lambda *a, **k: pytest.fail("teacher retrained"))
     # how long a latency is timed may change on resume (what is measured may not: see the next test)
     assert main(["run-study", "--n-trials", "2", *FAST, "--set", "latency.min_run_time=0.03"]) == 0
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
@@ -131,8 +132,8 @@ def test_resume_adds_trials_without_retraining_or_duplicating(first_study, monke
 def test_one_latency_per_architecture_whoever_measures_it(first_study):
     """Every trial of one architecture has the study's one latency, the resumed session's included."""
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{first_study}/optuna.db")
+    from kdsearch.costs import cost_key
     from kdsearch.models import StudentSpec, build_student
-    from kdsearch.trial import cost_key
 
     stored = {k: v for k, v in study.user_attrs.items() if k.startswith("cost:")}
     for t in study.trials:
@@ -145,21 +146,21 @@ def test_one_latency_per_architecture_whoever_measures_it(first_study):
 
 def test_a_stored_latency_is_used_not_measured_again(tmp_path_factory):
     """What another worker or an earlier session stored for an architecture is what a trial of it reports."""
+    from kdsearch.costs import cost_key
     from kdsearch.storage import open_storage
-    from kdsearch.trial import cost_key
 
     folder = tmp_path_factory.mktemp("stored")
     args = ["--n-trials", "1", *FAST]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        mp.setattr(kdsearch.trial, "measure_cost", lambda *a: pytest.fail("measured again"))
+        mp.setattr(kdsearch.costs, "measure_cost", lambda *a: pytest.fail("measured again"))
         settled_keys = []
         settled = kdsearch.trial.settled_latency
         mp.setattr(kdsearch.trial, "settled_latency", lambda study, key, ms: settled_keys.append(key) or
                    settled(study, key, ms))
-        from kdsearch.config import load_study
         from kdsearch.models import StudentSpec, build_student
         from kdsearch.study import open_study
+        from kdsearch.study_file import load_study
 
         cfg = load_study(kdsearch.cli.find_study_file("digits"), [a for a in FAST if a != "--set"])
         study = open_study(cfg, "digits", open_storage(f"sqlite:///{folder}/optuna.db"))

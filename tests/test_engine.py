@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kdsearch import KdsearchError
 from kdsearch.config import DataConfig
 from kdsearch.data import Split, StreamingSplit, augment_batch, load_dataset
-from kdsearch.distill import Normalizer, TrainSettings, predict_logits, train
+from kdsearch.distill import Normalizer, TrainSettings, fit, predict_logits
 from kdsearch.engine import PhaseTimer
 from kdsearch.models import Architecture, MaxPool2x2, build_model
 
@@ -49,7 +49,7 @@ def _train(data, seed, teacher=None, augment="none", alpha=0.0):
     model = build_model(Architecture(1, 10, 4, 2), 8)
     settings = TrainSettings(epochs=1, lr=0.05, batch_size=64, seed=seed, augment=augment, alpha=alpha,
                              temperature=2.0)
-    val_acc = train(model, data.train, data.val, Normalizer(data.mean, data.std, "cpu"), settings, teacher)
+    val_acc = fit(model, data.train, data.val, Normalizer(data.mean, data.std, "cpu"), settings, teacher)
     return model, val_acc
 
 
@@ -136,7 +136,7 @@ def test_a_folder_over_the_memory_budget_streams_and_trains_the_same(tmp_path, c
     for data in (held, streamed):
         torch.manual_seed(0)
         model = build_model(Architecture(3, 2, 4, 2), 8)
-        train(model, data.train, data.val, norm, settings)
+        fit(model, data.train, data.val, norm, settings)
         weights.append(list(model.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(*weights))
 
@@ -159,12 +159,12 @@ def test_a_streamed_split_distils_from_the_cached_logits_of_its_own_images(tmp_p
     for data in (held, streamed):
         torch.manual_seed(0)
         model = build_model(Architecture(3, 2, 4, 2), 8)
-        train(model, data.train, data.val, norm, settings, teacher=logits)
+        fit(model, data.train, data.val, norm, settings, teacher=logits)
         weights.append(list(model.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(*weights))
     torch.manual_seed(0)
     plain = build_model(Architecture(3, 2, 4, 2), 8)
-    train(plain, held.train, held.val, norm, dataclasses.replace(settings, alpha=0.0))
+    fit(plain, held.train, held.val, norm, dataclasses.replace(settings, alpha=0.0))
     assert not torch.equal(next(iter(plain.state_dict().values())), weights[0][0])  # the KD term did count
 
 
@@ -185,7 +185,7 @@ def test_phase_timer_takes_nested_phases_out(monkeypatch):
 def test_the_trial_loop_freezes_long_lived_objects_and_thaws_them_even_after_an_error():
     import gc
 
-    from kdsearch.search import long_lived_objects_frozen
+    from kdsearch.scheduling import long_lived_objects_frozen
 
     with pytest.raises(RuntimeError), long_lived_objects_frozen():
         assert gc.get_freeze_count() > 1000  # torch alone brings many thousands

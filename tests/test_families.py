@@ -13,13 +13,14 @@ import torch
 from helpers import export_matches_student, fast, study_in_new_folder
 
 from kdsearch import KdsearchError
-from kdsearch.config import StudyConfig, load_study
+from kdsearch.config import StudyConfig
 from kdsearch.distill import TrainSettings, kd_loss, make_optimizer
+from kdsearch.importance import importance_line
 from kdsearch.measure import count_flops, count_params
 from kdsearch.models import StudentSpec, build_student, resnet, separable
-from kdsearch.report import importance_line
 from kdsearch.students import SHARED, family_params, middle_params, params_in_space, sample_student, search_space
 from kdsearch.study import make_sampler
+from kdsearch.study_file import load_study
 
 
 def test_separable_counted_by_hand():
@@ -83,7 +84,7 @@ def test_channel_multiple_rounds_every_built_in_family():
 
 
 def test_widths_that_build_the_same_network_share_one_cost():
-    from kdsearch.trial import cost_key
+    from kdsearch.costs import cost_key
 
     def key(width):
         spec = StudentSpec("separable", (1, 8, 8), 10, {"base_width": 8, "width": width, "depth": 2,
@@ -95,7 +96,7 @@ def test_widths_that_build_the_same_network_share_one_cost():
 
 
 def test_a_user_builders_knobs_and_tensor_shapes_are_part_of_its_cost_key():
-    from kdsearch.trial import cost_key
+    from kdsearch.costs import cost_key
 
     def key(**knobs):
         spec = StudentSpec("own_students:raw_parameters", (1, 8, 8), 10, knobs)
@@ -335,7 +336,7 @@ def test_a_torch_export_teacher_checkpoint_distils(tmp_path_factory, tmp_path):
 
 
 def test_a_torchvision_teacher_is_fitted_to_the_data_and_trained(tmp_path_factory):
-    from kdsearch.models import torchvision_model
+    from kdsearch.teacher_network import torchvision_model
 
     model = torchvision_model("squeezenet1_1", (1, 8, 8), 10)  # too small for its pooling: upsampled
     assert model.size == 32 and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -5,7 +5,7 @@ import torch
 from helpers import fast
 from mlflow import MlflowClient
 
-import kdsearch.trainer_pool
+import kdsearch.execution
 from kdsearch.cli import main
 
 FAST = fast()
@@ -14,7 +14,7 @@ State = optuna.trial.TrialState
 
 
 def failing_train(fail_on: set[int], exc: BaseException):
-    real = kdsearch.trainer_pool.train
+    real = kdsearch.execution.fit
     calls = {"n": 0}
 
     def train(*args, **kwargs):
@@ -37,7 +37,7 @@ def load(folder):
 
 
 def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir, monkeypatch):
-    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({2}, RuntimeError("boom")))
+    monkeypatch.setattr(kdsearch.execution, "fit", failing_train({2}, RuntimeError("boom")))
     assert main(["run-study", "--n-trials", "3", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE]
@@ -49,7 +49,7 @@ def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir
 
 
 def test_the_same_failure_every_time_stops_the_study(workdir, monkeypatch, capsys):
-    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train(set(range(1, 10)), ValueError("bad lr")))
+    monkeypatch.setattr(kdsearch.execution, "fit", failing_train(set(range(1, 10)), ValueError("bad lr")))
     assert main(["run-study", "--n-trials", "6", *IN_PROCESS]) == 2
     err = capsys.readouterr().err
     assert "the last trials all failed with 'ValueError: bad lr'" in err
@@ -57,8 +57,8 @@ def test_the_same_failure_every_time_stops_the_study(workdir, monkeypatch, capsy
 
 
 def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
-    real_train = kdsearch.trainer_pool.train
-    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({2}, KeyboardInterrupt()))
+    real_train = kdsearch.execution.fit
+    monkeypatch.setattr(kdsearch.execution, "fit", failing_train({2}, KeyboardInterrupt()))
     assert main(["run-study", "--n-trials", "3", *IN_PROCESS]) == 130
     assert "Run the same command again to resume" in capsys.readouterr().err
     assert [t.state for t in load(workdir).trials] == [State.COMPLETE, State.FAIL]
@@ -68,7 +68,7 @@ def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
     study_run_id = load(workdir).user_attrs["mlflow_run_id"]
     assert client.get_run(study_run_id).info.status == "KILLED"
 
-    monkeypatch.setattr(kdsearch.trainer_pool, "train", real_train)
+    monkeypatch.setattr(kdsearch.execution, "fit", real_train)
     assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE, State.COMPLETE]
@@ -85,7 +85,7 @@ def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
 
 def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
     oom = torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(kdsearch.trainer_pool, "train", failing_train({1}, oom))
+    monkeypatch.setattr(kdsearch.execution, "fit", failing_train({1}, oom))
     assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]

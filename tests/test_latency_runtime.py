@@ -198,10 +198,10 @@ def test_a_torchscript_teacher_checkpoint_is_timed_in_onnx_runtime(workdir, caps
 def test_a_host_that_would_time_in_another_runtime_is_refused(workdir, capsys, monkeypatch):
     """A CUDA host without ORT's CUDA provider times eager PyTorch: it must not add those figures to a study timed in
     ONNX Runtime (one study, one latency axis)."""
-    import kdsearch.search
+    import kdsearch.session
 
     assert main(["run-study", *fast(), "--n-trials", "1"]) == 0
-    monkeypatch.setattr(kdsearch.search, "runtime_of", lambda cfg: ("torch", "no CUDAExecutionProvider"))
+    monkeypatch.setattr(kdsearch.session, "runtime_of", lambda cfg: ("torch", "no CUDAExecutionProvider"))
     assert main(["run-study", *fast(), "--n-trials", "1"]) == 2
     assert ("study 'digits' times latency in onnxruntime, and this host would time it in torch (no "
             "CUDAExecutionProvider)") in capsys.readouterr().err

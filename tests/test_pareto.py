@@ -3,7 +3,8 @@
 import optuna
 import pandas as pd
 
-from kdsearch.report import front_2d, trials_frame, write_report
+from kdsearch.charts import front_2d
+from kdsearch.report import trials_frame, write_report
 from kdsearch.study import DIRECTIONS
 
 # (val_acc, params, latency_ms)

@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from kdsearch.figures import hypervolume, hypervolume_reference, kd_gain, paired_se, study_hypervolume
+from kdsearch.scores import hypervolume, hypervolume_reference, kd_gain, paired_se, study_hypervolume
 from kdsearch.trial import bits_of
 
 TEACHER = {"params": 1000, "latency_ms": 2.0}
@@ -31,7 +31,7 @@ def test_study_hypervolume_uses_the_front_and_the_teacher():
 def test_hypervolume_history_by_hand():
     from datetime import datetime, timedelta
 
-    from kdsearch.figures import hypervolume_history
+    from kdsearch.scores import hypervolume_history
 
     t0 = datetime(2026, 1, 1)
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])

@@ -44,7 +44,7 @@ def cached_logits(tmp_path, name: str) -> torch.Tensor:
 def test_a_second_host_loads_the_study_teacher_and_a_different_one_is_refused(tmp_path, monkeypatch, capsys):
     assert host(tmp_path, "a", monkeypatch) == 0
     assert "(trained here)" in teacher_line(capsys.readouterr().out)
-    monkeypatch.setattr(kdsearch.teacher, "train", lambda *a, **k: pytest.fail("the teacher was trained again"))
+    monkeypatch.setattr(kdsearch.teacher, "train_teacher", lambda *a, **k: pytest.fail("the teacher was trained again"))
     assert host(tmp_path, "b", monkeypatch) == 0
     assert "(the study's MLflow run " in teacher_line(capsys.readouterr().out)
     assert torch.equal(cached_logits(tmp_path, "a"), cached_logits(tmp_path, "b"))
@@ -74,7 +74,7 @@ def test_a_cpu_host_joins_a_study_whose_teacher_trained_in_bf16(tmp_path, monkey
         gpu.setattr(kdsearch.teacher, "uses_bf16", lambda device: True)
         assert host(tmp_path, "gpu", monkeypatch) == 0
     key = teacher_line(capsys.readouterr().out).split()[1]
-    monkeypatch.setattr(kdsearch.teacher, "train", lambda *a, **k: pytest.fail("the teacher was trained again"))
+    monkeypatch.setattr(kdsearch.teacher, "train_teacher", lambda *a, **k: pytest.fail("the teacher was trained again"))
     assert host(tmp_path, "cpu", monkeypatch) == 0
     line = teacher_line(capsys.readouterr().out)
     assert line.split()[1] == key and "(the study's MLflow run " in line  # the study's teacher, not its own

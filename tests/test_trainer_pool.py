@@ -15,12 +15,14 @@ import torch
 from helpers import fast
 from mlflow import MlflowClient
 
-from kdsearch.config import DataConfig, load_study
+from kdsearch.config import DataConfig
 from kdsearch.data import load_dataset
 from kdsearch.distill import DivergedError, Normalizer, TrainSettings
 from kdsearch.engine import PhaseTimer
+from kdsearch.execution import InProcess, Workload, processes_for
 from kdsearch.models import convnet
-from kdsearch.trainer_pool import TrainerPool, Workload, processes_for, train_locally
+from kdsearch.study_file import load_study
+from kdsearch.trainer_pool import TrainerPool
 
 State = optuna.trial.TrialState
 DIGITS = Path(__file__).resolve().parents[1] / "studies" / "digits.toml"
@@ -76,7 +78,7 @@ def test_a_pooled_student_is_the_student_trained_here(ctx, pool):
     here, pooled = student(), student()
     seen_here, on_epoch_here = recorder()
     seen_pooled, on_epoch_pooled = recorder()
-    val_here = train_locally(Workload.of(ctx), here, SETTINGS, on_epoch_here, PhaseTimer(torch.device("cpu")))
+    val_here = InProcess(Workload.of(ctx)).train(here, SETTINGS, on_epoch_here, PhaseTimer(torch.device("cpu")))
     timer = PhaseTimer(torch.device("cpu"))
     started = time.perf_counter()
     with timer("train"):
@@ -332,7 +334,7 @@ def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
     Thread.join marked a running thread ended, and its trial stayed RUNNING)."""
     import threading
 
-    from kdsearch import search
+    from kdsearch import scheduling
 
     ended, first_started = [], threading.Event()
     main_thread = threading.main_thread().ident
@@ -349,14 +351,14 @@ def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
         ended.append(trial.number)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(search, "objective", slow_objective)
+    monkeypatch.setattr(scheduling, "objective", slow_objective)
     study = optuna.create_study(directions=["maximize"])
     cfg = SimpleNamespace(search=SimpleNamespace(n_trials=2, timeout=0))
-    session = SimpleNamespace(study=study, ctx=SimpleNamespace(cfg=cfg, pool=None))
+    session = SimpleNamespace(study=study, ctx=SimpleNamespace(cfg=cfg, executor=InProcess()))
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left
     try:
         with pytest.raises(KeyboardInterrupt):
-            search.run_trials(session, 2, [], SimpleNamespace(reason=None))
+            scheduling.run_trials(session, 2, [], SimpleNamespace(reason=None))
     finally:
         signal.signal(signal.SIGINT, handler)
     assert sorted(ended) == [0, 1]

@@ -158,17 +158,18 @@ def test_every_option_reaches_the_workers(tmp_path, monkeypatch):
     import dataclasses
 
     import kdsearch.search
+    import kdsearch.session
     import kdsearch.workers
 
     seen = {}
-    real_open_session = kdsearch.search.open_session
+    real_open_session = kdsearch.session.open_session
 
     def parent_session(cfg, **kwargs):
         seen["parent"] = (cfg, kwargs)
         return real_open_session(cfg, **kwargs)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(kdsearch.search, "open_session", parent_session)
+    monkeypatch.setattr(kdsearch.session, "open_session", parent_session)
     real_popen = subprocess.Popen
 
     def launch(argv, **kwargs):  # the workers are recorded; anything else (an ONNX check, say) runs

@@ -1,4 +1,4 @@
-"""The figures a study is judged by: the hypervolume of its front (one definition for the report, the study
+"""The scores a study is judged by: the hypervolume of its front (one definition for the report, the study
 run's metrics and the benchmarks) and the KD gain of its baseline pairs, with standard errors."""
 
 from __future__ import annotations
