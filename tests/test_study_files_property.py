@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdsearch import KdsearchError
-from kdsearch.config import StudyConfig, build, check_values
+from kdsearch.config import StudyConfig, check_values
 from kdsearch.data import load_dataset
 from kdsearch.measure import count_params
 from kdsearch.models import build_student
 from kdsearch.students import sample_student, student_spec
+from kdsearch.study_file import build
 
 SECTIONS = {name: list(getattr(StudyConfig(), name).__dataclass_fields__)
             for name in ("data", "teacher", "student", "distill", "search", "latency", "engine")}
