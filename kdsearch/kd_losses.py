@@ -1,0 +1,85 @@
+"""Distillation losses that need only the teacher's logits, so each works from kdsearch's logit cache.
+
+- `kd`: Hinton et al. (`distill.kd_loss`): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
+- `dkd`: Decoupled KD (Zhao et al., CVPR 2022): the KL split into the target class's binary part (TCKD, weight
+  `alpha`) and the part among the other classes (NCKD, weight `beta`), both at T^2, added to the CE and ramped up
+  linearly over `warmup` epochs. Paper defaults: alpha 1, beta 8, T 4, 20 of 240 epochs of warm-up.
+- `dist`: DIST (Huang et al., NeurIPS 2022): one minus the Pearson correlation of the softened predictions, per
+  image (inter-class, weight `beta`) and per class over the batch (intra-class, weight `gamma`), at `tau`^2, added
+  to the CE. Defaults: beta 1, gamma 1, tau 1.
+- `ls`: KD on standardised logits (Sun et al., CVPR 2024): each row's logits z-scored before the softmax at the
+  base temperature; `ce_weight` * CE + `kd_weight` * T^2 * KL. Defaults (their CIFAR-100 KD): T 2, kd_weight 9,
+  ce_weight 0.1.
+
+Every loss is averaged over the batch and takes (student logits, teacher logits, labels, epoch, **its knobs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdsearch.distill import kd_loss
+
+METHOD_DEFAULTS = {
+    "kd": {},  # T and alpha are the study's own sampled knobs
+    "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20},
+    "dist": {"beta": 1.0, "gamma": 1.0, "tau": 1.0},
+    "ls": {"temperature": 2.0, "kd_weight": 9.0, "ce_weight": 0.1},
+}
+
+
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, epoch: int, *,
+             alpha: float, beta: float, temperature: float, warmup: int) -> torch.Tensor:
+    target = F.one_hot(labels, student_logits.shape[1]).bool()
+    p_s = F.softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits / temperature, dim=1)
+    binary_s = torch.stack([p_s[target], 1 - p_s[target]], dim=1)  # (target, all others)
+    binary_t = torch.stack([p_t[target], 1 - p_t[target]], dim=1)
+    tckd = (binary_t * (binary_t.log() - binary_s.log())).sum(dim=1).mean()
+    hidden = -1000.0 * target  # the target class left out of the softmax among the others
+    nckd = _kl(teacher_logits + hidden * temperature, student_logits + hidden * temperature, temperature)
+    ramp = min(epoch / warmup, 1.0) if warmup > 0 else 1.0
+    return F.cross_entropy(student_logits, labels) + ramp * temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """One minus the Pearson correlation of each row of `a` with the same row of `b`, averaged over the rows."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (1 - F.cosine_similarity(a, b, dim=1, eps=eps)).mean()
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, epoch: int, *,
+              beta: float, gamma: float, tau: float) -> torch.Tensor:
+    y_s = F.softmax(student_logits / tau, dim=1)
+    y_t = F.softmax(teacher_logits / tau, dim=1)
+    inter = _pearson_distance(y_s, y_t)
+    intra = _pearson_distance(y_s.T, y_t.T)
+    return F.cross_entropy(student_logits, labels) + tau**2 * (beta * inter + gamma * intra)
+
+
+def standardised(logits: torch.Tensor) -> torch.Tensor:
+    """Each row z-scored (the sample standard deviation, as the paper's code takes it)."""
+    return (logits - logits.mean(dim=1, keepdim=True)) / (1e-7 + logits.std(dim=1, keepdim=True))
+
+
+def ls_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, epoch: int, *,
+            temperature: float, kd_weight: float, ce_weight: float) -> torch.Tensor:
+    soft = _kl(standardised(teacher_logits), standardised(student_logits), temperature)
+    return ce_weight * F.cross_entropy(student_logits, labels) + kd_weight * temperature**2 * soft
+
+
+def method_loss(method: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                epoch: int, **knobs) -> torch.Tensor:
+    """The loss of `method` (see `METHOD_DEFAULTS`), its knobs defaulting to the paper's."""
+    if method == "kd":
+        return kd_loss(student_logits, teacher_logits, labels, knobs["temperature"], knobs["alpha"])
+    loss = {"dkd": dkd_loss, "dist": dist_loss, "ls": ls_loss}[method]
+    return loss(student_logits, teacher_logits, labels, epoch, **{**METHOD_DEFAULTS[method], **knobs})
