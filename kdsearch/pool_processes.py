@@ -97,8 +97,6 @@ def _train_one(work: Workload, conn, model: nn.Module, settings: TrainSettings) 
     return val_acc, model.state_dict(), timer.seconds
 
 
-
-
 def _picklable(e: Exception) -> Exception:
     with contextlib.suppress(Exception):
         pickle.loads(pickle.dumps(e))

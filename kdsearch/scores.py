@@ -53,7 +53,7 @@ def _acc(trial: optuna.trial.FrozenTrial, split: str) -> float:
 
 def paired_se(plain_bits: str | None, kd_bits: str | None) -> float | None:
     """Standard error of the accuracy difference of two classifiers on the same n images, from the per-image
-    differences d = kd_right - plain_right: sd(d) / sqrt(n). The bits are `trial.correct_bits` strings."""
+    differences d = kd_right - plain_right: sd(d) / sqrt(n). The bits are strings recorded by `trial.bits_of`."""
     if not plain_bits or not kd_bits:
         return None
     plain, kd = (np.array([c == "1" for c in bin(int(b, 16))[3:]], dtype=float) for b in (plain_bits, kd_bits))

@@ -188,5 +188,6 @@ def open_session(cfg: StudyConfig, *, study_name: str | None = None, storage: st
     exp_id, study_run_id = start_tracking(cfg, study, data, teacher, client)
     print(f"latency: timed in {runtime_label(study.user_attrs['latency'])}" + (f" ({why})" if why else "")
           + f"; the teacher's {study.user_attrs['teacher']['latency_ms']:.4g} ms", flush=True)
-    here = InProcess(Workload(data.train, data.val, normalize, teacher.targets(cfg.data.augment), cfg.engine.compile))
-    return Session(study, StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id, here), dev)
+    ctx = StudyContext(cfg, data, teacher, normalize, client, exp_id, study_run_id, executor=None)
+    ctx.executor = InProcess(Workload.of(ctx))
+    return Session(study, ctx, dev)

@@ -269,5 +269,3 @@ def _load_cached(folder: Path, cfg: StudyConfig, data: Dataset, device: torch.de
         problem = f"logits of shape {tuple(logits.shape)} for {len(data.train)} images of {data.num_classes} classes"
     print(f"cached teacher {folder} does not match the data ({problem}): {instead} it again", flush=True)
     return None
-
-

@@ -215,8 +215,6 @@ class TrainerPool(Executor):
             proc.join()
 
 
-
-
 def _main_is_importable() -> bool:
     """Whether a fresh process may import `__main__` safely: a package's `__main__` (`python -m`) or none (an
     interactive session) is skipped by multiprocessing; a script would run again, whole study included."""
@@ -224,8 +222,6 @@ def _main_is_importable() -> bool:
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", "")
     return getattr(main, "__file__", None) is None or name == "__main__" or name.endswith(".__main__")
-
-
 
 
 class _PollFd(ctypes.Structure):

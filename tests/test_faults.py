@@ -82,7 +82,6 @@ def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
     assert trial.state == State.FAIL and "training loss became nan" in trial.user_attrs["fail_reason"]
 
 
-
 def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
     oom = torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(kdsearch.execution, "fit", failing_train({1}, oom))
