@@ -22,10 +22,15 @@ PRUNERS = ("auto", "none", "dominated", "rungs", "median", "hyperband")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 STUDENT_FAMILIES = ("convnet", "separable", "resnet")
 SCHEDULES = ("auto", "cosine", "warmup-cosine")
+KD_METHODS = ("kd", "dkd", "dist", "ls")  # see kd_losses
 
 
 class Families(str):
     """`student.arch`: one family name (a string), or several (a list) to sample the family as a categorical."""
+
+
+class Methods(str):
+    """`distill.method`: one KD method (a string), or several (a list) to sample the method as a categorical."""
 
 
 class AutoFloat(str):
@@ -36,7 +41,7 @@ class AutoBool(str):
     """true or false, or "auto" for the student family's default."""
 
 
-RESERVED_KNOBS = ("arch", "family", "temperature", "alpha", "lr", "seed", "epochs", "batch_size", "channels",
+RESERVED_KNOBS = ("arch", "family", "method", "temperature", "alpha", "lr", "seed", "epochs", "batch_size", "channels",
                   "trial", "params", "latency_ms", "val_acc", "test_acc", "flops", "schedule", "decay_norms",
                   "label_smoothing")
 
@@ -142,6 +147,7 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
+    method: Methods = Methods("kd")  # kd (Hinton's), dkd, dist, ls, or a list of them to search over
     temperature: Range = positive(Range((1.0, 20.0)))  # sampled on a log scale
     alpha: Range = _rule(Range((0.0, 1.0)), OTHER, lambda a: 0 <= a[0] and a[1] <= 1,
                          lambda a: f"{list(a)} must lie within [0, 1]")
@@ -264,6 +270,16 @@ def _check_families(c: StudyConfig, where: str) -> None:
     if t != "convnet" and not (t.startswith("torchvision:") and len(t) > len("torchvision:")):
         raise KdsearchError(f"{where}: teacher.arch = {t!r} is unknown: use 'convnet' or 'torchvision:<model>', "
                             "e.g. 'torchvision:resnet18'")
+
+
+def kd_methods(distill: DistillConfig) -> list[str]:
+    """The KD methods a study samples from."""
+    return [distill.method] if isinstance(distill.method, str) else list(distill.method)
+
+
+def is_distillation_param(name: str) -> bool:
+    """Whether a trial's parameter is a distillation knob (one that cannot change a student's size or latency)."""
+    return name in ("method", "temperature", "alpha", "lr") or name.split(".")[0] in KD_METHODS
 
 
 def families(student: StudentConfig) -> list[str]:

@@ -11,26 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdsearch.data import Split, StreamingSplit, augment_batch
 from kdsearch.engine import autocast, no_timer
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-            temperature: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), averaged over the batch.
-
-    The T^2 keeps the soft term's gradients on the same scale as the hard term's as T changes (Hinton et al.).
-    `label_smoothing` smooths the hard labels only: the teacher's soft targets are left as they are.
-    """
-    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
-    if alpha == 0:
-        return hard
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
-                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
-    return alpha * temperature**2 * soft + (1 - alpha) * hard
+from kdsearch.kd_losses import kd_loss, training_loss  # noqa: F401 (kd_loss: where callers have found it)
 
 
 class Normalizer:
@@ -58,6 +43,13 @@ class TrainSettings:
     schedule: str = "cosine"  # or warmup-cosine: the learning rate rises linearly over the first epoch
     decay_norms: bool = True  # weight decay on BatchNorm and bias parameters too (False: on weights only)
     label_smoothing: float = 0.0
+    method: str = "kd"  # see kd_losses: "kd" weighs its soft term by alpha, the others always distil
+    method_knobs: tuple[tuple[str, float], ...] = ()  # the method's searched knobs besides the temperature
+
+    @property
+    def distils(self) -> bool:
+        """Whether the loss needs the teacher's logits."""
+        return self.method != "kd" or self.alpha > 0
 
 
 class DivergedError(RuntimeError):
@@ -95,7 +87,7 @@ TeacherTargets = torch.Tensor | nn.Module | None  # cached logits over the train
 
 
 def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, settings: TrainSettings,
-                  teacher: TeacherTargets, opt, sched, gen: torch.Generator) -> torch.Tensor:
+                  teacher: TeacherTargets, opt, sched, gen: torch.Generator, epoch: int = 1) -> torch.Tensor:
     """One pass over a fresh permutation of the training set; returns the mean loss as a device tensor.
 
     With cached logits the teacher costs one index per batch; with augmentation the images differ every epoch,
@@ -112,8 +104,8 @@ def distill_epoch(model: nn.Module, train_set: Split, normalize: Normalizer, set
         inputs = normalize(augment_batch(images, settings.augment, gen))
         with autocast(device):
             logits = model(inputs).float()
-            targets = _teacher_logits(teacher, idx, inputs) if settings.alpha > 0 else None
-        loss = kd_loss(logits, targets, labels, settings.temperature, settings.alpha, settings.label_smoothing)
+            targets = _teacher_logits(teacher, idx, inputs) if settings.distils else None
+        loss = training_loss(settings, logits, targets, labels, epoch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,8 +127,8 @@ def fit(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalize
         epoch_guard=contextlib.nullcontext) -> float:
     """Train `model` in place for `settings.epochs` epochs; return the final validation accuracy. Each epoch and
     its validation run inside `epoch_guard()` (see `timing_lock.training_epoch`)."""
-    if settings.alpha > 0 and teacher is None:
-        raise ValueError("alpha > 0 needs the teacher (its cached logits or the model)")
+    if settings.distils and teacher is None:
+        raise ValueError(f"distilling ({settings.method}) needs the teacher (its cached logits or the model)")
     if settings.augment != "none" and isinstance(teacher, torch.Tensor):
         raise ValueError("cached teacher logits do not match augmented images: pass the teacher model")
     steps = steps_per_epoch(len(train_set), settings.batch_size)
@@ -146,7 +138,8 @@ def fit(model: nn.Module, train_set: Split, val_set: Split, normalize: Normalize
     val_acc = float("nan")
     for epoch in range(1, settings.epochs + 1):
         with epoch_guard():
-            train_loss = distill_epoch(model, train_set, normalize, settings, teacher, opt, sched, gen).item()
+            train_loss = distill_epoch(model, train_set, normalize, settings, teacher, opt, sched, gen,
+                                       epoch).item()
             if not math.isfinite(train_loss):  # the one host sync of the epoch is above
                 raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
             with timer("evaluate"):

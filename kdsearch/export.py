@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from kdsearch import KdsearchError, first_line
+from kdsearch.config import is_distillation_param
 from kdsearch.measure import study_latency
 from kdsearch.models import Architecture, StudentSpec, build_student, channels_of, convnet
 from kdsearch.onnx_graph import Deployable, to_onnx
@@ -90,8 +91,8 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
         "val_acc": trial.values[0], "test_acc": trial.user_attrs["test_acc"],
         "latency": {"median_ms": trial.user_attrs["latency_ms"], "iqr_ms": trial.user_attrs.get("latency_iqr_ms"),
                     **study_latency(study.user_attrs)},
-        "distillation": {"temperature": trial.params["temperature"], "alpha": trial.params["alpha"],
-                         "lr": trial.params["lr"], "epochs": config["distill"]["epochs"],
+        "distillation": {"method": trial.params.get("method", _single_method(config)), **distillation_knobs(trial),
+                         "epochs": config["distill"]["epochs"],
                          **{k: v for k, v in trial.user_attrs.get("training", {}).items()}},
         "teacher": study.user_attrs.get("teacher"), "dataset": config["data"]["dataset"],
         "input": {"shape": ["N", *data["input_shape"]], "dtype": "float32", "range": "pixel values 0..255",
@@ -127,3 +128,13 @@ def export_study_student(study_name: str, storage: str, tracking_uri: str | None
     study = load_existing_study(study_name, storage)
     chosen = choose_trial(study, trial, max_params, max_latency_ms)
     return export_student(study, chosen, client_for(tracking_uri), out / study_name / f"trial-{chosen.number}")
+
+
+def _single_method(config: dict) -> str:
+    method = config["distill"].get("method", "kd")
+    return method if isinstance(method, str) else "kd"  # a plain baseline of a study whose methods leave out kd
+
+
+def distillation_knobs(trial: optuna.trial.FrozenTrial) -> dict:
+    """T, the method's knobs (alpha for kd) and lr, as the trial sampled them."""
+    return {k: v for k, v in trial.params.items() if is_distillation_param(k) and k != "method"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 
-from kdsearch.students import SHARED
+from kdsearch.config import is_distillation_param
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -79,7 +79,7 @@ def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float
     subset.add_trials(trials)
     out = {}
     for i, name in enumerate(_objective_names(study)):
-        weighed = [k for k in knobs if k not in SHARED] if name in ("params", "latency_ms") else knobs
+        weighed = [k for k in knobs if not is_distillation_param(k)] if name in ("params", "latency_ms") else knobs
         if not weighed:
             continue
         try:

@@ -1,6 +1,6 @@
 """Distillation losses that need only the teacher's logits, so each works from kdsearch's logit cache.
 
-- `kd`: Hinton et al. (`distill.kd_loss`): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
+- `kd`: Hinton et al. (`kd_loss`): alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE.
 - `dkd`: Decoupled KD (Zhao et al., CVPR 2022): the KL split into the target class's binary part (TCKD, weight
   `alpha`) and the part among the other classes (NCKD, weight `beta`), both at T^2, added to the CE and ramped up
   linearly over `warmup` epochs. Paper defaults: alpha 1, beta 8, T 4, 20 of 240 epochs of warm-up.
@@ -12,6 +12,8 @@
   ce_weight 0.1.
 
 Every loss is averaged over the batch and takes (student logits, teacher logits, labels, epoch, **its knobs).
+A study searches each method's temperature (DIST's tau) as the shared `temperature`, kd's `alpha` from the study
+file, and the knobs of `METHOD_SPACE`; the others stay at the paper's values.
 """
 
 from __future__ import annotations
@@ -19,14 +21,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdsearch.distill import kd_loss
-
 METHOD_DEFAULTS = {
-    "kd": {},  # T and alpha are the study's own sampled knobs
-    "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20},
+    "kd": {"temperature": 4.0, "alpha": 0.5},  # the baselines' (Hinton et al.'s MNIST runs used T up to 20)
+    "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20},  # warm-up: 20 of the paper's 240 epochs
     "dist": {"beta": 1.0, "gamma": 1.0, "tau": 1.0},
     "ls": {"temperature": 2.0, "kd_weight": 9.0, "ce_weight": 0.1},
 }
+DKD_PAPER_EPOCHS = 240
+# The knobs a study searches besides the temperature, on a log scale, each around its paper's values: DKD's beta
+# was 8 on CIFAR-100 and 0.5 on ImageNet; DIST's beta and gamma 2 on CIFAR-100, 1 on ImageNet; LS's KD weight 9
+# with a CE weight of 0.1 (about 1 for each term at T 2 after standardising).
+METHOD_SPACE = {
+    "kd": {},
+    "dkd": {"beta": (0.5, 8.0)},
+    "dist": {"beta": (0.5, 4.0), "gamma": (0.5, 4.0)},
+    "ls": {"kd_weight": (1.0, 9.0)},
+}
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float, alpha: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y), averaged over the batch.
+
+    The T^2 keeps the soft term's gradients on the same scale as the hard term's as T changes (Hinton et al.).
+    `label_smoothing` smooths the hard labels only: the teacher's soft targets are left as they are.
+    """
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    if alpha == 0:
+        return hard
+    return alpha * temperature**2 * _kl(teacher_logits, student_logits, temperature) + (1 - alpha) * hard
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -83,3 +106,17 @@ def method_loss(method: str, student_logits: torch.Tensor, teacher_logits: torch
         return kd_loss(student_logits, teacher_logits, labels, knobs["temperature"], knobs["alpha"])
     loss = {"dkd": dkd_loss, "dist": dist_loss, "ls": ls_loss}[method]
     return loss(student_logits, teacher_logits, labels, epoch, **{**METHOD_DEFAULTS[method], **knobs})
+
+
+def training_loss(settings, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                  labels: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The loss a student of `settings` (a `distill.TrainSettings`) trains with in `epoch` (from 1): its method's,
+    at its temperature (DIST's tau) and searched knobs; DKD's warm-up the paper's share of the epochs."""
+    if settings.method == "kd":
+        return kd_loss(student_logits, teacher_logits, labels, settings.temperature, settings.alpha,
+                       settings.label_smoothing)
+    knobs = dict(settings.method_knobs)
+    knobs["tau" if settings.method == "dist" else "temperature"] = settings.temperature
+    if settings.method == "dkd":
+        knobs["warmup"] = max(1, round(settings.epochs * METHOD_DEFAULTS["dkd"]["warmup"] / DKD_PAPER_EPOCHS))
+    return method_loss(settings.method, student_logits, teacher_logits, labels, epoch, **knobs)

@@ -15,6 +15,8 @@ import time
 
 import optuna
 
+from kdsearch.config import is_distillation_param
+
 CLEAR = "\r\x1b[2K"  # back to the line's start, and erase it
 
 
@@ -132,10 +134,16 @@ def study_progress(study: optuna.Study, target: int, complete_only: bool, mine: 
 
 
 def params_line(params: dict) -> str:
-    """`arch separable width 1.23 depth 3 ... T 4.00 alpha 0.50 lr 0.055`: the family first, the shared knobs last."""
-    shown = {"T" if k == "temperature" else k.split(".")[-1]: v for k, v in params.items()
-             if k not in ("temperature", "alpha", "lr")}
-    shown.update({"T": params.get("temperature", 0), "alpha": params.get("alpha", 0), "lr": params.get("lr", 0)})
+    """`arch separable width 1.23 depth 3 ... T 4.00 alpha 0.50 lr 0.055`: the family first, the distillation
+    knobs last (with several KD methods: `method dkd T 4 beta 8 lr 0.055`)."""
+    student = {k: v for k, v in params.items() if not is_distillation_param(k)}
+    method = params.get("method", "kd")
+    knobs = {k: v for k, v in params.items() if k.startswith(f"{method}.")}
+    shown = {k.split(".")[-1]: v for k, v in student.items()}
+    shown.update({"method": params["method"]} if "method" in params else {})
+    shown["T"] = params.get("temperature", 0)
+    shown.update({k.split(".")[-1]: v for k, v in knobs.items()} or {"alpha": params.get("alpha", 0)})
+    shown["lr"] = params.get("lr", 0)
     return " ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 

@@ -137,8 +137,9 @@ def kd_gain_line(gain: dict) -> str:
                 f"({gain[f'{split}_gain']:+.4f}{f' +/- {se:.4f}' if se is not None else ''})")
     trials = gain["trials"]
     source = f"{gain['pairs']} seed pairs" if gain["pairs"] > 1 else f"trials {trials[0]} -> {trials[1]}"
-    return (f"KD gain of the {gain['family']} ({source}, {gain['params']:,} params; +/- one standard error over the "
-            f"{gain['se_over']}): "
+    name = "KD" if gain.get("method", "kd") == "kd" else gain["method"].upper()
+    return (f"{name} gain of the {gain['family']} ({source}, {gain['params']:,} params; +/- one standard error over "
+            f"the {gain['se_over']}): "
             f"{part('val')}, {part('test')}")
 
 

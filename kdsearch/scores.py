@@ -11,18 +11,21 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def kd_gains(study: optuna.Study) -> dict[str, dict]:
-    """The KD gain of each student family that has a complete baseline pair."""
-    names = {t.user_attrs.get("baseline_family", "convnet") for t in study.get_trials(deepcopy=False)
-             if "baseline" in t.user_attrs}
-    gains = {family: kd_gain(study, family) for family in sorted(names)}
-    return {family: gain for family, gain in gains.items() if gain}
+    """The KD gain of each student family (and, with several KD methods, of each method: "<family> <method>") that
+    has a complete baseline pair."""
+    baselines = [t.user_attrs for t in study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
+    names = {a.get("baseline_family", "convnet") for a in baselines}
+    methods = sorted({a["baseline"] for a in baselines} - {"no-kd"}, key=lambda m: (m != "kd", m))
+    gains = {family if methods == ["kd"] else f"{family} {method}": kd_gain(study, family, method)
+             for family in sorted(names) for method in methods}
+    return {name: gain for name, gain in gains.items() if gain}
 
 
-def kd_gain(study: optuna.Study, family: str | None = None) -> dict | None:
-    """Accuracy of the distilled baseline minus that of its undistilled twin (same student, lr and seed), with a
-    standard error: over the pairs' seeds when the study ran several pairs (`search.baseline_repeats`), else over
-    the images, pairing the two students' answers image by image. `family`: that family's pairs (default: the
-    first family's)."""
+def kd_gain(study: optuna.Study, family: str | None = None, method: str = "kd") -> dict | None:
+    """Accuracy of the baseline distilled by `method` minus that of its undistilled twin (same student, lr and
+    seed), with a standard error: over the pairs' seeds when the study ran several pairs
+    (`search.baseline_repeats`), else over the images, pairing the two students' answers image by image. `family`:
+    that family's pairs (default: the first family's)."""
     pairs: dict[int, dict] = {}
     for t in study.get_trials(deepcopy=False, states=[COMPLETE]):
         a = t.user_attrs
@@ -30,10 +33,11 @@ def kd_gain(study: optuna.Study, family: str | None = None) -> dict | None:
             family = family or a.get("baseline_family", "convnet")
             if a.get("baseline_family", "convnet") == family:
                 pairs.setdefault(a.get("baseline_pair", 0), {})[a["baseline"]] = t
-    full = [(p["no-kd"], p["kd"]) for _, p in sorted(pairs.items()) if len(p) == 2]
+    full = [(p["no-kd"], p[method]) for _, p in sorted(pairs.items()) if "no-kd" in p and method in p]
     if not full:
         return None
-    out = {"family": family, "trials": [plain.number for plain, _ in full] + [kd.number for _, kd in full],
+    out = {"family": family, "method": method,
+           "trials": [plain.number for plain, _ in full] + [kd.number for _, kd in full],
            "pairs": len(full), "params": full[0][1].user_attrs["params"],
            "se_over": "seeds" if len(full) > 1 else "images"}
     for split in ("val", "test"):

@@ -5,6 +5,11 @@ families. With several, the family is a categorical parameter `arch` and each fa
 `<family>.<knob>`: a trial holds its own family's knobs only, a conditional space that every sampler handles. TPE
 models each family's knobs (`group=True`); NSGA-II and GP evolve or model only the knobs every trial shares (the
 family, T, alpha, lr) and sample each family's own knobs at random; random sampling is random throughout.
+
+The KD method is sampled the same way: with several (`distill.method` a list) it is a categorical `method`, and a
+trial holds its own method's knobs only (`alpha` for kd, `<method>.<knob>` for the others, see
+`kd_losses.METHOD_SPACE`); every method shares `temperature` and `lr`. With one method there is no `method`
+parameter, and a study of kd alone samples T, alpha and lr as it always has.
 """
 
 from __future__ import annotations
@@ -14,11 +19,21 @@ import math
 
 import optuna
 
-from kdsearch.config import IntRange, Range, StudentConfig, StudyConfig, families
+from kdsearch.config import (
+    DistillConfig,
+    IntRange,
+    Range,
+    StudentConfig,
+    StudyConfig,
+    families,
+    is_distillation_param,
+    kd_methods,
+)
 from kdsearch.distill import TrainSettings
+from kdsearch.kd_losses import METHOD_SPACE
 from kdsearch.models import FAMILIES, StudentSpec
 
-SHARED = ("temperature", "alpha", "lr")  # distillation knobs every trial samples
+SHARED = ("temperature", "alpha", "lr")  # distillation knobs every trial of a kd study samples
 
 # Training defaults per family, measured on digits with benchmarks/bench_training.py (BENCHMARKS.md); `[distill]`
 # keys set to a value override them. The resnet gains from a warm-up and from leaving BatchNorm and biases
@@ -68,11 +83,23 @@ def sample_student(trial: optuna.Trial, cfg: StudyConfig) -> tuple[str, dict, di
             knobs[knob] = trial.suggest_categorical(name, space)
         else:
             knobs[knob] = space
-    d = cfg.distill
-    hp = {"temperature": trial.suggest_float("temperature", *d.temperature, log=True),
-          "alpha": trial.suggest_float("alpha", *d.alpha),
-          "lr": trial.suggest_float("lr", *d.lr, log=True)}
-    return family, knobs, hp
+    return family, knobs, sample_distillation(trial, cfg.distill)
+
+
+def sample_distillation(trial: optuna.Trial, d: DistillConfig) -> dict:
+    """The trial's method, T, its method's knobs and lr. A plain baseline of a study whose methods leave out kd
+    trains with kd at alpha 0 without sampling a method (its methods' choices do not hold kd)."""
+    methods = kd_methods(d)
+    plain = trial.user_attrs.get("baseline") == "no-kd" and "kd" not in methods
+    method = "kd" if plain else trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+    hp = {"method": method, "temperature": trial.suggest_float("temperature", *d.temperature, log=True)}
+    if plain:
+        hp["alpha"] = 0.0
+    elif method == "kd":
+        hp["alpha"] = trial.suggest_float("alpha", *d.alpha)
+    for knob, space in METHOD_SPACE[method].items():
+        hp[f"{method}.{knob}"] = trial.suggest_float(f"{method}.{knob}", *space, log=True)
+    return {**hp, "lr": trial.suggest_float("lr", *d.lr, log=True)}
 
 
 def student_spec(family: str, knobs: dict, input_shape: tuple[int, int, int], num_classes: int) -> StudentSpec:
@@ -87,14 +114,22 @@ def search_space(cfg: StudyConfig) -> dict[str, object]:
         for knob, values in searched(knob_space(cfg.student, family)).items():
             space[param_name(cfg, family, knob)] = values
     d = cfg.distill
-    return {**space, "temperature": d.temperature, "alpha": d.alpha, "lr": d.lr}
+    methods = kd_methods(d)
+    space.update({"method": methods} if len(methods) > 1 else {})
+    space["temperature"] = d.temperature
+    space.update({"alpha": d.alpha} if "kd" in methods else {})
+    space.update({f"{m}.{k}": Range(r) for m in methods for k, r in METHOD_SPACE[m].items()})
+    return {**space, "lr": d.lr}
 
 
-def family_params(cfg: StudyConfig, family: str) -> list[str]:
-    """The parameter names a trial of `family` holds."""
+def family_params(cfg: StudyConfig, family: str, method: str | None = None) -> list[str]:
+    """The parameter names a trial of `family` (and KD `method`, default the study's first) holds."""
     names = ["arch"] if len(families(cfg.student)) > 1 else []
     names += [param_name(cfg, family, k) for k in searched(knob_space(cfg.student, family))]
-    return names + list(SHARED)
+    methods = kd_methods(cfg.distill)
+    method = method or methods[0]
+    names += (["method"] if len(methods) > 1 else []) + ["temperature"] + (["alpha"] if method == "kd" else [])
+    return names + [f"{method}.{k}" for k in METHOD_SPACE[method]] + ["lr"]
 
 
 def translated_params(cfg: StudyConfig, params: dict, family: str) -> dict:
@@ -105,7 +140,7 @@ def translated_params(cfg: StudyConfig, params: dict, family: str) -> dict:
     for name, value in params.items():
         if name != "arch":
             knob = name.split(".", 1)[1] if name.startswith(f"{family}.") else name
-            out[knob if knob in SHARED else param_name(cfg, family, knob)] = value
+            out[knob if is_distillation_param(knob) else param_name(cfg, family, knob)] = value
     return out
 
 
@@ -114,7 +149,9 @@ def params_in_space(cfg: StudyConfig, params: dict) -> bool:
     within this study's range."""
     names = families(cfg.student)
     family = params.get("arch", names[0] if len(names) == 1 else None)
-    if family not in names or sorted(params) != sorted(family_params(cfg, family)):
+    methods = kd_methods(cfg.distill)
+    method = params.get("method", methods[0] if len(methods) == 1 else None)
+    if family not in names or method not in methods or sorted(params) != sorted(family_params(cfg, family, method)):
         return False
     space = search_space(cfg)
     return all(v in space[k] if isinstance(space[k], list) else space[k][0] <= v <= space[k][1]
@@ -140,9 +177,10 @@ def middle_params(cfg: StudyConfig, family: str) -> dict:
 
 def middle_knobs(cfg: StudyConfig, family: str) -> dict:
     """The knobs (fixed ones included) of `family`'s mid-sized student."""
-    d = cfg.distill  # the distillation knobs are not used: any value inside the study's ranges will do
-    params = {**middle_params(cfg, family), "temperature": d.temperature[0], "alpha": d.alpha[0], "lr": d.lr[0]}
-    return sample_student(optuna.trial.FixedTrial(params), cfg)[1]
+    space = search_space(cfg)  # the distillation knobs are not used: any value inside the study's ranges will do
+    method = kd_methods(cfg.distill)[0]
+    params = {k: v[0] for k, v in space.items() if k in family_params(cfg, family, method) and is_distillation_param(k)}
+    return sample_student(optuna.trial.FixedTrial({**middle_params(cfg, family), **params}), cfg)[1]
 
 
 def training_settings(cfg: StudyConfig, family: str) -> dict:
@@ -152,10 +190,13 @@ def training_settings(cfg: StudyConfig, family: str) -> dict:
 
 
 def train_settings(cfg: StudyConfig, family: str, hp: dict, seed: int) -> TrainSettings:
-    """How a trial trains a student of `family` with its sampled T, alpha and lr (`hp`): the study's schedule, the
-    family's training defaults (`training_settings`) and the trial's seed."""
+    """How a trial trains a student of `family` with its sampled method, T, knobs and lr (`hp`, as
+    `sample_distillation` returns it): the study's schedule, the family's training defaults (`training_settings`)
+    and the trial's seed."""
     d = cfg.distill
     training = training_settings(cfg, family)
+    method = hp.get("method", "kd")
+    knobs = tuple((k.split(".", 1)[1], v) for k, v in hp.items() if k.startswith(f"{method}."))
     return TrainSettings(epochs=d.epochs, lr=hp["lr"], batch_size=d.batch_size, weight_decay=d.weight_decay,
-                         temperature=hp["temperature"], alpha=hp["alpha"], seed=seed, augment=cfg.data.augment,
-                         **training)
+                         temperature=hp["temperature"], alpha=hp.get("alpha", 0.0), seed=seed,
+                         augment=cfg.data.augment, method=method, method_knobs=knobs, **training)

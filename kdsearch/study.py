@@ -17,7 +17,8 @@ from collections.abc import Callable
 import optuna
 
 from kdsearch import KdsearchError, first_line
-from kdsearch.config import StudyConfig, families
+from kdsearch.config import StudyConfig, families, kd_methods
+from kdsearch.kd_losses import METHOD_DEFAULTS, METHOD_SPACE
 from kdsearch.pruning import study_pruner
 from kdsearch.storage import open_storage
 from kdsearch.students import middle_params, params_in_space, translated_params
@@ -87,7 +88,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
 def make_sampler(cfg: StudyConfig) -> TrialSeededSampler:
     """The study file's sampler. The limits reach it as constraints that each trial sets (`trial.set_constraint`)."""
-    conditional = len(families(cfg.student)) > 1
+    conditional = len(families(cfg.student)) > 1 or len(kd_methods(cfg.distill)) > 1
     return TrialSeededSampler(_sampler_of(cfg.search.sampler, conditional), cfg.seed)
 
 
@@ -162,19 +163,18 @@ def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study, 
 
 
 def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
-    """Reference pairs first: a mid-sized student trained without distillation (alpha = 0), and the same student,
-    learning rate and seed distilled with alpha = 0.5 at T = 4; the report shows the difference. With
-    `search.baseline_repeats` > 1, that many pairs, each pair with a seed of its own; with several student
-    families, as many pairs for each family."""
-    shared = baseline_distillation(cfg)
+    """Reference students first: a mid-sized student trained without distillation (alpha = 0), and the same
+    student, learning rate and seed distilled by each of the study's KD methods at its paper's values (kd: alpha
+    0.5 at T = 4); the report shows each difference. With `search.baseline_repeats` > 1, that many sets, each with
+    a seed of its own; with several student families, as many sets for each family."""
     pair = 0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # alpha may lie outside the study's range; Optuna warns, then uses it
+        warnings.simplefilter("ignore")  # a value may lie outside the study's range; Optuna warns, then uses it
         for family in families(cfg.student):
             for repeat in range(cfg.search.baseline_repeats):
                 seed = trial_seed(cfg.seed, repeat)
-                for kind, alpha in BASELINE_ALPHAS.items():
-                    study.enqueue_trial({**middle_params(cfg, family), **shared, "alpha": alpha},
+                for kind, params in baseline_params(cfg).items():
+                    study.enqueue_trial({**middle_params(cfg, family), **params},
                                         user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed,
                                                     "baseline_family": family})
                 pair += 1
@@ -188,6 +188,25 @@ def baseline_distillation(cfg: StudyConfig) -> dict:
     learning-rate range on a log scale."""
     d = cfg.distill
     return {"temperature": min(max(4.0, d.temperature[0]), d.temperature[1]), "lr": math.sqrt(d.lr[0] * d.lr[1])}
+
+
+def baseline_params(cfg: StudyConfig) -> dict[str, dict]:
+    """The baselines' distillation parameters by kind: "no-kd", then each of the study's methods at its paper's
+    values (see `kd_losses.METHOD_DEFAULTS`) within the study's ranges. See `students.sample_distillation`."""
+    d, methods = cfg.distill, kd_methods(cfg.distill)
+    shared = baseline_distillation(cfg)
+
+    def params(method: str, **knobs) -> dict:
+        return {**({"method": method} if len(methods) > 1 else {}), **shared, **knobs}
+
+    out = {"no-kd": params("kd", alpha=0.0) if "kd" in methods else dict(shared)}
+    for method in methods:
+        paper = METHOD_DEFAULTS[method]
+        temperature = paper.get("tau", paper.get("temperature"))
+        knobs = {f"{method}.{k}": min(max(paper[k], low), high) for k, (low, high) in METHOD_SPACE[method].items()}
+        out[method] = params(method, **knobs, temperature=min(max(temperature, d.temperature[0]), d.temperature[1]),
+                             **({"alpha": BASELINE_ALPHAS["kd"]} if method == "kd" else {}))
+    return out
 
 
 # Keys added to the study file since the first studies, with the value that keeps a study made before each its

@@ -13,6 +13,7 @@ from typing import Any, get_type_hints
 
 from kdsearch import KdsearchError
 from kdsearch.config import (
+    KD_METHODS,
     RESERVED_KNOBS,
     STUDENT_FAMILIES,
     AutoBool,
@@ -21,6 +22,7 @@ from kdsearch.config import (
     IntOrRange,
     IntRange,
     Knobs,
+    Methods,
     Range,
     StudyConfig,
     check_values,
@@ -89,6 +91,8 @@ def _convert(kind: type, value: Any, where: str, key: str) -> Any:
         return "auto" if value == "auto" else _scalar(float if kind is AutoFloat else bool, value, where, key)
     if kind is Families:
         return _families(value, where, key)
+    if kind is Methods:
+        return _methods(value, where, key)
     if kind is Knobs:
         return _knobs(value, where, key)
     if kind is IntOrRange:
@@ -117,6 +121,15 @@ def _families(value: Any, where: str, key: str) -> str | tuple[str, ...]:
         raise KdsearchError(f"{where}: {key} = {value!r}: expected a family name, a list of distinct families from "
                             f"{', '.join(STUDENT_FAMILIES)}, or a builder 'package.module:function'")
     return tuple(value) if len(value) > 1 else value[0]
+
+
+def _methods(value: Any, where: str, key: str) -> str | tuple[str, ...]:
+    values = [value] if isinstance(value, str) else value
+    if not (isinstance(values, list) and values and all(v in KD_METHODS for v in values)
+            and len(set(values)) == len(values)):
+        raise KdsearchError(f"{where}: {key} = {value!r}: expected a KD method from {', '.join(KD_METHODS)}, or a "
+                            "list of distinct ones to search over")
+    return tuple(values) if len(values) > 1 else values[0]
 
 
 def _knobs(table: Any, where: str, key: str) -> dict:

@@ -1,13 +1,29 @@
 """Each logit-based distillation method's loss against numbers worked out by hand: scalar Python over a batch of two
 images and three classes, written from the papers' formulas, and identities a reader can check in their head."""
 
+import dataclasses
+import json
 import math
+from dataclasses import replace
 
+import optuna
 import pytest
 import torch
+from helpers import fast
 
-from kdsearch.distill import kd_loss
-from kdsearch.kd_losses import dist_loss, dkd_loss, ls_loss, method_loss
+from kdsearch.cli import main
+from kdsearch.config import StudyConfig
+from kdsearch.distill import TrainSettings, kd_loss
+from kdsearch.kd_losses import METHOD_SPACE, dist_loss, dkd_loss, ls_loss, method_loss, training_loss
+from kdsearch.students import (
+    family_params,
+    middle_params,
+    params_in_space,
+    sample_student,
+    search_space,
+    train_settings,
+)
+from kdsearch.study import baseline_params, make_sampler
 
 S = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]
 T = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
@@ -98,3 +114,120 @@ def test_method_loss_names_the_method_and_defaults_to_the_papers_knobs():
         dkd_loss(s, t, y, 40, alpha=1.0, beta=8.0, temperature=4.0, warmup=20).item())
     assert method_loss("dist", s, t, y, 1, tau=2.0).item() == pytest.approx(
         dist_loss(s, t, y, 1, beta=1.0, gamma=1.0, tau=2.0).item())
+
+
+def test_a_trial_trains_with_its_methods_loss_at_its_temperature():
+    """The sampled T is each method's temperature (DIST's tau); DKD warms up over its paper's share of the
+    epochs (20 of 240: 2 of 24 epochs, so epoch 1 carries half the distillation term)."""
+    s, t, y = tensors()
+    base = TrainSettings(epochs=24, lr=0.1, batch_size=2, temperature=3.0)
+    dkd = replace(base, method="dkd", method_knobs=(("beta", 2.0),))
+    assert training_loss(dkd, s, t, y, 1).item() == pytest.approx(
+        dkd_loss(s, t, y, 1, alpha=1.0, beta=2.0, temperature=3.0, warmup=2).item())
+    dkd_half = ce(S, Y) + 0.5 * (training_loss(dkd, s, t, y, 2).item() - ce(S, Y))
+    assert training_loss(dkd, s, t, y, 1).item() == pytest.approx(dkd_half, rel=1e-5)
+    dist = replace(base, method="dist", method_knobs=(("beta", 2.0), ("gamma", 0.5)))
+    assert training_loss(dist, s, t, y, 1).item() == pytest.approx(
+        dist_loss(s, t, y, 1, beta=2.0, gamma=0.5, tau=3.0).item())
+    ls = replace(base, method="ls", method_knobs=(("kd_weight", 4.0),))
+    assert training_loss(ls, s, t, y, 1).item() == pytest.approx(
+        ls_loss(s, t, y, 1, temperature=3.0, kd_weight=4.0, ce_weight=0.1).item())
+    kd = replace(base, alpha=0.25, label_smoothing=0.1)  # kd as it always trained, label smoothing included
+    assert training_loss(kd, s, t, y, 1).item() == kd_loss(s, t, y, 3.0, 0.25, 0.1).item()
+    assert not base.distils and dkd.distils and replace(base, alpha=0.1).distils
+
+
+def methods_config(methods) -> StudyConfig:
+    cfg = StudyConfig()
+    return cfg.replace(distill=dataclasses.replace(cfg.distill, method=methods))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_the_categorical_method_samples_only_its_own_knobs(sampler):
+    cfg = methods_config(("kd", "dkd", "dist", "ls"))
+    cfg = cfg.replace(search=dataclasses.replace(cfg.search, sampler=sampler))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg))
+    seen = set()
+    for i in range(24):
+        trial = study.ask()
+        family, knobs, hp = sample_student(trial, cfg)
+        method = trial.params["method"]
+        seen.add(method)
+        assert sorted(trial.params) == sorted(family_params(cfg, family, method))
+        own = {k.split(".")[1]: v for k, v in trial.params.items() if k.startswith(f"{method}.")}
+        assert set(own) == set(METHOD_SPACE[method]) and ("alpha" in trial.params) == (method == "kd")
+        settings = train_settings(cfg, family, hp, seed=0)
+        assert settings.method == method and dict(settings.method_knobs) == own
+        assert settings.temperature == trial.params["temperature"]
+        assert params_in_space(cfg, trial.params)
+        study.tell(trial, [0.5 + 0.01 * i, 1000 + i, 1.0])
+    assert seen == {"kd", "dkd", "dist", "ls"}
+    assert search_space(cfg)["method"] == ["kd", "dkd", "dist", "ls"]
+
+
+def test_a_study_naming_one_method_samples_as_before():
+    """kd alone: T, alpha and lr, no `method` parameter, the same baselines; another method alone: its knobs, no
+    `method` parameter either."""
+    assert sorted(search_space(StudyConfig())) == ["alpha", "depth", "lr", "temperature", "width"]
+    assert baseline_params(StudyConfig()) == {"no-kd": {"temperature": 4.0, "lr": math.sqrt(0.01 * 0.3), "alpha": 0.0},
+                                              "kd": {"temperature": 4.0, "lr": math.sqrt(0.01 * 0.3), "alpha": 0.5}}
+    trial = optuna.create_study().ask()
+    _, _, hp = sample_student(trial, StudyConfig())
+    assert sorted(trial.params) == ["alpha", "depth", "lr", "temperature", "width"]
+    assert train_settings(StudyConfig(), "convnet", hp, 0).method == "kd"
+    dkd = methods_config("dkd")
+    assert sorted(search_space(dkd)) == ["depth", "dkd.beta", "lr", "temperature", "width"]
+    assert baseline_params(dkd)["dkd"]["dkd.beta"] == 8.0 and "method" not in baseline_params(dkd)["dkd"]
+
+
+def test_a_plain_baseline_needs_no_kd_among_the_methods():
+    """With methods that leave out kd, the undistilled twin samples no method and trains with kd at alpha 0;
+    each method's twin takes its paper's values (DIST's tau 1, LS's T 2) within the study's ranges."""
+    cfg = methods_config(("dkd", "dist"))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler(cfg))
+    params = baseline_params(cfg)
+    assert params["dist"]["temperature"] == 1.0 and params["dist"]["method"] == "dist"
+    study.enqueue_trial({**middle_params(cfg, "convnet"), **params["no-kd"]}, user_attrs={"baseline": "no-kd"})
+    trial = study.ask()
+    _, _, hp = sample_student(trial, cfg)
+    assert "method" not in trial.params and "alpha" not in trial.params
+    settings = train_settings(cfg, "convnet", hp, 0)
+    assert settings.method == "kd" and not settings.distils
+
+
+@pytest.mark.parametrize("value, says", [("'hinton'", "'hinton'"), ("['kd', 'kd']", "['kd', 'kd']"),
+                                         ("[]", "[]")])
+def test_an_unknown_or_repeated_method_is_one_line_naming_the_choices(workdir, capsys, value, says):
+    assert main(["run-study", "--set", f"distill.method={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"distill.method = {says}: expected a KD method from kd, dkd, dist, ls" in err and "\n" not in err
+
+
+def test_a_study_over_every_method_reports_each_methods_gain_and_exports_its_knobs(workdir, capsys):
+    """Each method's twin is the plain baseline's student, lr and seed distilled at the paper's values; the report
+    gives each method's gain, MLflow and the card record the method and its knobs."""
+    from mlflow import MlflowClient
+
+    args = ["run-study", *fast(), "--n-trials", "6", "--set", "distill.method=['kd', 'dkd', 'dist', 'ls']"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("KD", "DKD", "DIST", "LS"):
+        assert f"{name} gain of the convnet (trials 0 -> " in out
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    gains = json.loads((workdir / "reports" / "digits" / "kd_gain.json").read_text())
+    assert sorted(gains) == ["convnet dist", "convnet dkd", "convnet kd", "convnet ls"]
+    for name, gain in gains.items():
+        plain, twin = (study.trials[n] for n in gain["trials"])
+        assert plain.number == 0 and twin.user_attrs["baseline"] == gain["method"] == name.split()[1]
+        assert twin.params["method"] == gain["method"] and plain.user_attrs["seed"] == twin.user_attrs["seed"]
+        assert {k: v for k, v in plain.params.items() if k not in ("method", "alpha", "temperature")} == \
+            {k: v for k, v in twin.params.items() if k not in ("method", "temperature") and "." not in k
+             and k != "alpha"}
+    dkd = next(t for t in study.trials if t.params.get("method") == "dkd")
+    assert dkd.params["dkd.beta"] == 8.0 and "alpha" not in dkd.params
+    params = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_run(dkd.user_attrs["mlflow_run_id"]).data.params
+    assert params["method"] == "dkd" and float(params["dkd.beta"]) == 8.0
+    assert main(["export", "--study-name", "digits", "--trial", str(dkd.number)]) == 0
+    card = json.loads((workdir / "exports" / "digits" / f"trial-{dkd.number}" / "card.json").read_text())
+    assert card["distillation"]["method"] == "dkd" and card["distillation"]["dkd.beta"] == 8.0
+    assert card["distillation"]["temperature"] == 4.0 and "alpha" not in card["distillation"]
