@@ -23,9 +23,10 @@ PANELS = [("params", "parameters (log scale)", True), ("latency_ms", "latency (m
 FAMILY_COLOURS = {"convnet": "crimson", "separable": "royalblue", "resnet": "seagreen"}  # a user builder: orange
 # the trials frame's columns that are not sampled knobs: every other column is a knob, in the charts and in the
 # terminal table alike
+REFINED_COLUMNS = ["refined_val_acc", "refined_test_acc", "refined_epochs", "refined_run_id"]
 FIXED_COLUMNS = {"trial", "family", "val_acc", "test_acc", "params", "latency_ms", "flops", "mlflow_run_id", "pareto",
-                 "channels", "arch", *(f"latency_{k}" for k in ("device", "threads", "batch_size", "dtype", "runtime",
-                                                                 "runtime_version"))}
+                 "channels", "arch", *REFINED_COLUMNS,
+                 *(f"latency_{k}" for k in ("device", "threads", "batch_size", "dtype", "runtime", "runtime_version"))}
 
 
 def panels(latency: dict) -> list[tuple[str, str, bool]]:
@@ -70,6 +71,14 @@ def plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str, latency: di
             fig.add_trace(go.Scatter(x=stairs[x], y=stairs["val_acc"], mode="lines", line={"shape": "hv",
                                      "color": "dimgrey"}, name="front", showlegend=False, hoverinfo="skip"),
                           row=1, col=col)
+            after = refined_rows(df)
+            if len(after):
+                fig.add_trace(go.Scatter(x=after[x], y=after["refined_val_acc"], mode="markers", name="refined",
+                                         marker={"symbol": "diamond", "size": 11, "color": "crimson"},
+                                         hovertext=[f"trial {t}: refined val_acc {v:.4f}, test_acc {a:.4f}" for t, v, a
+                                                    in zip(after["trial"], after["refined_val_acc"],
+                                                           after["refined_test_acc"])],
+                                         hoverinfo="text", showlegend=first, legendgroup="r"), row=1, col=col)
         if teacher:
             fig.add_trace(go.Scatter(x=[teacher[x]], y=[teacher["val_acc"]], mode="markers+text", text=["teacher"],
                                      textposition="bottom center", name="teacher", showlegend=first,
@@ -78,6 +87,11 @@ def plotly_figure(df: pd.DataFrame, teacher: dict | None, name: str, latency: di
     fig.update_yaxes(title_text="validation accuracy", row=1, col=1)
     fig.update_layout(title=f"kdsearch study '{name}'", template="plotly_white", height=520, width=1100)
     return fig
+
+
+def refined_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The trials refined after the search (see `refine.py`): drawn beside the front they were picked from."""
+    return df[df["refined_val_acc"].notna()] if "refined_val_acc" in df else df.iloc[:0]
 
 
 def _by_family(front: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
@@ -95,6 +109,9 @@ def matplotlib_figure(df: pd.DataFrame, teacher: dict | None, name: str, path: P
             for family, colour, rows in _by_family(front):
                 ax.scatter(rows[x], rows["val_acc"], color=colour, label=f"Pareto-optimal {family}", zorder=3)
             ax.step(stairs[x], stairs["val_acc"], where="post", color="dimgrey")
+            after = refined_rows(df)
+            if len(after):
+                ax.scatter(after[x], after["refined_val_acc"], marker="D", color="crimson", label="refined", zorder=4)
         if teacher:
             ax.scatter([teacher[x]], [teacher["val_acc"]], marker="*", s=200, color="black", label="teacher")
         if log:

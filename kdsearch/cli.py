@@ -78,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until-complete", type=_positive_int, help=argparse.SUPPRESS)  # set by --workers
     _add_common(run)
 
+    ref = commands.add_parser("refine", help="train a study's winners again with a longer schedule",
+                              description="Train the most accurate student of each [refine] budget (or the whole "
+                                          "front) again with the [refine] schedule, as MLflow runs nested under the "
+                                          "study's run; then write the report. Resumable: run it again.")
+    ref.add_argument("study", nargs="?", default=DEFAULT_STUDY,
+                     help="study file (.toml) or name of one in studies/ (default: %(default)s)")
+    ref.add_argument("--data-dir", help="folder holding the dataset (default: the study file's data.data_dir)")
+    ref.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a study-file key, e.g. --set refine.epochs=60 (repeatable)")
+    ref.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+    ref.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
+    _add_common(ref)
+
     rep = commands.add_parser("report", help="write the Pareto report of a study",
                               description="Write reports/<study>/pareto.{html,png,csv} and log them to the study's "
                                           "MLflow run.")
@@ -138,6 +151,16 @@ def cmd_run_study(args: argparse.Namespace) -> None:
         run_study(cfg, until_complete=args.until_complete, report=not args.until_complete, **common)
 
 
+def cmd_refine(args: argparse.Namespace) -> None:
+    from kdsearch.search import refine
+    from kdsearch.study_file import load_study
+
+    overrides = list(args.set) + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
+    cfg = load_study(find_study_file(args.study), overrides)
+    refine(cfg, study_name=args.study_name, storage=args.storage, tracking_uri=args.tracking_uri,
+           device=args.device, cache_dir=args.cache_dir, reports_dir=args.reports_dir)
+
+
 def _worker_args(args: argparse.Namespace, study_file: Path, overrides: list[str], name: str) -> list[str]:
     """The command line of one worker: the same study and overrides (its stores come in its environment, see
     `credentials.worker_environment`)."""
@@ -181,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         args.storage = args.storage or default_storage()
     _quiet_libraries()
     try:
-        {"run-study": cmd_run_study, "report": cmd_report, "export": cmd_export}[args.command](args)
+        {"run-study": cmd_run_study, "refine": cmd_refine, "report": cmd_report,
+         "export": cmd_export}[args.command](args)
     except KdsearchError as e:
         print(f"kdsearch: error: {masked(str(e))}", file=sys.stderr)
         return 2

@@ -62,6 +62,10 @@ class IntRange(tuple):
     """A `[low, high]` integer search range."""
 
 
+class Bounds(tuple):
+    """A list of numbers above 0 (budgets), empty by default."""
+
+
 # A key's rule: its phase, a test of its value, and the end of the message "<file>: <key> = " when the test fails.
 # Choices are checked first, then (after the student families) numbers above 0 (for a range: its low end), numbers
 # not negative, and the rest; within a phase, key by key in the order below.
@@ -206,6 +210,17 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class RefineConfig:
+    after_search: bool = False  # run-study refines when its trials end (else: the `refine` command)
+    # Budgets: the most accurate student (by val_acc) at or under each bound is refined; none: the whole front
+    max_params: Bounds = Bounds(())
+    max_latency_ms: Bounds = Bounds(())
+    epochs: int = positive(30)
+    augment: str = choice("none", AUGMENTATIONS)
+    seeds: int = positive(1)  # trainings per student, each with its own seed; the best by val_acc is kept
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str = "digits"
     seed: int = 0
@@ -216,6 +231,7 @@ class StudyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

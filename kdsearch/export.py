@@ -66,8 +66,10 @@ def _convnet_spec(saved: dict) -> StudentSpec:
 
 def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client: MlflowClient, out_dir: Path
                    ) -> dict[str, Path]:
-    """Write student.pt2, student.onnx and card.json under out_dir and log the model on the trial's run."""
-    run_id = trial.user_attrs["mlflow_run_id"]
+    """Write student.pt2, student.onnx and card.json under out_dir and log the model on the trial's run (or, for
+    a refined student, on its best refined run, whose weights are exported)."""
+    refined = (study.user_attrs.get(f"refined:{trial.number}") or {}).get("best")
+    run_id = refined["run_id"] if refined else trial.user_attrs["mlflow_run_id"]
     student, spec = load_student(client, run_id)
     config = study.user_attrs["config"]
     data = study.user_attrs["data"]
@@ -88,7 +90,10 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
         "family": spec.family, "architecture": spec.to_dict(), "channels": channels_of(student),
         "params": trial.user_attrs["params"],
         "flops": trial.user_attrs.get("flops"), "size_bytes": trial.user_attrs.get("size_bytes"),
-        "val_acc": trial.values[0], "test_acc": trial.user_attrs["test_acc"],
+        "val_acc": refined["val_acc"] if refined else trial.values[0],
+        "test_acc": refined["test_acc"] if refined else trial.user_attrs["test_acc"],
+        "refined": refined and {**refined, "search_val_acc": trial.values[0],
+                                "search_test_acc": trial.user_attrs["test_acc"]},
         "latency": {"median_ms": trial.user_attrs["latency_ms"], "iqr_ms": trial.user_attrs.get("latency_iqr_ms"),
                     **study_latency(study.user_attrs)},
         "distillation": {"method": trial.params.get("method", _single_method(config)), **distillation_knobs(trial),

@@ -38,8 +38,16 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "test_acc": a.get("test_acc"),
                      "params": int(a["params"]), "latency_ms": a["latency_ms"], "flops": a.get("flops"),
                      **t.params, "channels": t.user_attrs.get("channels"),
-                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), **timed, "pareto": t.number in front})
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), **timed, "pareto": t.number in front,
+                     **_refined_columns(study, t.number)})
     return pd.DataFrame(rows)
+
+
+def _refined_columns(study: optuna.Study, number: int) -> dict:
+    best = (study.user_attrs.get(f"refined:{number}") or {}).get("best")
+    if not best:
+        return {}
+    return dict(zip(charts.REFINED_COLUMNS, (best["val_acc"], best["test_acc"], best["epochs"], best["run_id"])))
 
 
 def _with_integer_knobs(df: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
@@ -98,7 +106,9 @@ def report_study(study: optuna.Study, reports_dir: Path, client: MlflowClient | 
           f"({summary['pruned_trials']} pruned, {summary['failed_trials']} failed)")
     if len(front):
         knobs = [c for c in front.columns if c not in FIXED_COLUMNS and front[c].notna().any()]
-        print(front[TABLE_COLUMNS + knobs].to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
+        refined = [c for c in charts.REFINED_COLUMNS[:2] if c in front and front[c].notna().any()]
+        table = front[TABLE_COLUMNS + refined + knobs]
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     if summary.get("hypervolume") is not None:
         ref = hypervolume_reference(study.user_attrs["teacher"])
         timed = runtime_label(study_latency(study.user_attrs))

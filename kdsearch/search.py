@@ -60,7 +60,38 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
         raise KdsearchError(f"stopped: the last trials all failed with '{failures.reason}': fix the cause and "
                             f"run the same command again to resume")
     if report:
+        if cfg.refine.after_search:
+            _refined(session)
         client.set_terminated(run_id, "FINISHED")
         report_study(study, Path(reports_dir), client)
         print(f"MLflow runs: {tracking.runs_page(client, session.ctx.experiment_id)}", flush=True)
     return study
+
+
+def refine(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
+           tracking_uri: str | None = None, device: str | None = None, cache_dir: str | Path = ".kdsearch-cache",
+           reports_dir: str | Path = "reports") -> optuna.Study:
+    """The `refine` command: refine a study's winners as its `[refine]` section says (see `refine.py`), then
+    write and log the report."""
+    from kdsearch.report import report_study
+
+    session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
+                           cache_dir=cache_dir)
+    if not session.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        raise KdsearchError(f"study '{session.study.study_name}' has no complete trial to refine: run-study first")
+    _refined(session)
+    session.ctx.client.set_terminated(session.ctx.study_run_id, "FINISHED")
+    report_study(session.study, Path(reports_dir), session.ctx.client)
+    return session.study
+
+
+def _refined(session) -> None:
+    """Refine the session's study; its MLflow run ends KILLED or FAILED if refining does not finish."""
+    from kdsearch.refine import refine_study
+
+    try:
+        refine_study(session.ctx, session.study)
+    except BaseException as e:
+        session.ctx.client.set_terminated(session.ctx.study_run_id,
+                                          "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise

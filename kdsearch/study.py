@@ -255,4 +255,5 @@ def _comparable(cfg: StudyConfig) -> dict:
     d["data"].pop("skip_unreadable")  # whether to skip bad files; the data's identity is checked by the teacher
     d["latency"].pop("min_run_time")  # how long a latency is timed, not what is measured
     d.pop("engine")  # how a process trains (threads, compile) may differ between sessions and workers
+    d.pop("refine")  # what is refined after the search, not what the search is
     return d

@@ -18,6 +18,7 @@ from kdsearch.config import (
     STUDENT_FAMILIES,
     AutoBool,
     AutoFloat,
+    Bounds,
     Families,
     IntOrRange,
     IntRange,
@@ -91,6 +92,10 @@ def _convert(kind: type, value: Any, where: str, key: str) -> Any:
         return "auto" if value == "auto" else _scalar(float if kind is AutoFloat else bool, value, where, key)
     if kind is Families:
         return _families(value, where, key)
+    if kind is Bounds:
+        if not (isinstance(value, list) and all(type(v) in (int, float) and v > 0 for v in value)):
+            raise KdsearchError(f"{where}: {key} = {value!r}: expected a list of numbers above 0, e.g. [2000, 8000]")
+        return tuple(value)
     if kind is Methods:
         return _methods(value, where, key)
     if kind is Knobs:

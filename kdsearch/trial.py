@@ -87,7 +87,7 @@ def objective(ctx: StudyContext, trial: optuna.Trial) -> float | tuple[float, in
             with timer("tracking"):
                 trial.set_user_attr("test_acc", cost["test_acc"])
                 cost["latency_ms"] = settle_latency(trial, key, cost["latency_ms"])
-                _log_weights(ctx.client, run_id, model, spec)
+                log_weights(ctx.client, run_id, model, spec)
             trial.set_user_attr("seconds", {k: round(v, 4) for k, v in timer.seconds.items()})
             times = {f"time_{k}_s": v for k, v in timer.seconds.items()}
             tracking.end_trial_run(ctx.client, run_id, "COMPLETE", metrics={**cost, **times}, step=cfg.distill.epochs)
@@ -237,7 +237,7 @@ def distill_student(ctx: StudyContext, trial: optuna.Trial, model: torch.nn.Modu
                 trial.set_user_attr("val_acc_history", history)
 
 
-def _log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, spec: StudentSpec) -> None:
+def log_weights(client: MlflowClient, run_id: str, model: torch.nn.Module, spec: StudentSpec) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         torch.save({"spec": spec.to_dict(), "state_dict": state}, Path(tmp) / "student.pt")

@@ -29,7 +29,8 @@ def study_in_new_folder(tmp_path_factory, name: str, args: list[str]):
 
 def export_matches_student(folder, study_name: str, trial_number: int, data_cfg=None) -> dict:
     """Export trial N with the CLI from `folder`: the .pt2 program and the ONNX file (run by onnxruntime) give the
-    student's logits on 50 test images, and the MLflow model is logged on the trial's run; return the card."""
+    student's logits on 50 test images (its refined weights where it was refined), and the MLflow model is logged on
+    the run those weights came from; return the card."""
     import json
     import os
 
@@ -50,8 +51,10 @@ def export_matches_student(folder, study_name: str, trial_number: int, data_cfg=
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the export left MLflow's global tracking URI alone
     out = folder / "exports" / study_name / f"trial-{trial_number}"
     client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
-    trial = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder}/optuna.db").trials[trial_number]
-    student, _ = load_student(client, trial.user_attrs["mlflow_run_id"])
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{folder}/optuna.db")
+    refined = (study.user_attrs.get(f"refined:{trial_number}") or {}).get("best")  # its weights are exported
+    run_id = refined["run_id"] if refined else study.trials[trial_number].user_attrs["mlflow_run_id"]
+    student, _ = load_student(client, run_id)
     data = load_dataset(data_cfg or DataConfig(), seed=0)
     images = data.test.x[:50]
     expected = predict_logits(student, images, Normalizer(data.mean, data.std, "cpu")).numpy()
@@ -59,7 +62,7 @@ def export_matches_student(folder, study_name: str, trial_number: int, data_cfg=
     onnx_out = onnxruntime.InferenceSession(str(out / "student.onnx")).run(None, {"images": images.float().numpy()})
     np.testing.assert_allclose(program(images.float()).detach().numpy(), expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(onnx_out[0], expected, atol=1e-4, rtol=1e-4)
-    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert any(m.source_run_id == run.info.run_id for m in client.search_logged_models([run.info.experiment_id]))
     return json.loads((out / "card.json").read_text())

@@ -1,0 +1,117 @@
+"""Refine the search's winners: the study file's `[refine]` section picks the most accurate student (by val_acc)
+at or under each of its budgets (or every student of the front), and trains each again from scratch with a longer
+schedule (epochs, augmentation, seeds): same architecture, KD method, T, knobs and lr.
+
+Each training is an MLflow run ("refine trial N seed k") nested under the study's run, with its per-epoch
+metrics, val_acc and test_acc and its weights. The study keeps what was refined in its user attribute
+`refined:<trial>` (the settings, each seed's result, the best by val_acc), written as each seed ends: a study
+whose refining was interrupted resumes with the seeds still to train, and one already refined with the same
+settings is skipped. The report, `pareto.csv`, the card and `export` read the refined student where it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optuna
+
+from kdsearch import tracking
+from kdsearch.config import RefineConfig
+from kdsearch.distill import correct
+from kdsearch.engine import PhaseTimer, prepare_model
+from kdsearch.execution import InProcess, Workload
+from kdsearch.students import sample_student, student_spec, train_settings
+from kdsearch.study import trial_seed
+from kdsearch.trial import StudyContext, log_weights, seeded_student
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+SEED_OFFSET = 1_000_003  # refine seeds differ from every trial's own
+
+
+def refined(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> dict | None:
+    """The best refined run of `trial` ({"seed", "val_acc", "test_acc", "run_id", ...}), or None."""
+    return (study.user_attrs.get(f"refined:{trial.number}") or {}).get("best")
+
+
+def picked(study: optuna.Study, r: RefineConfig) -> list[tuple[str, optuna.trial.FrozenTrial]]:
+    """(budget, trial) for each budget's most accurate student (fewer parameters break ties), or for each student
+    of the front where the study file names no budget. A budget no student meets is reported and skipped."""
+    complete = study.get_trials(deepcopy=False, states=[COMPLETE])
+    budgets = [(f"params <= {b:,}", "params", b) for b in r.max_params]
+    budgets += [(f"latency <= {b:g} ms", "latency_ms", b) for b in r.max_latency_ms]
+    if not budgets:
+        front = study.best_trials if len(study.directions) > 1 else [study.best_trial] if complete else []
+        return [("front", t) for t in sorted(front, key=lambda t: t.user_attrs["params"])]
+    out = []
+    for label, key, bound in budgets:
+        fits = [t for t in complete if t.user_attrs[key] <= bound]
+        if not fits:
+            print(f"refine {label}: no complete student fits it; run more trials or loosen the bound", flush=True)
+            continue
+        out.append((label, max(fits, key=lambda t: (t.values[0], -t.user_attrs["params"]))))
+    return out
+
+
+def refine_study(ctx: StudyContext, study: optuna.Study) -> None:
+    """Refine the students `picked` by the study file, each once however many budgets picked it."""
+    r = ctx.cfg.refine
+    done: set[int] = set()
+    for label, trial in picked(study, r):
+        if trial.number not in done:
+            done.add(trial.number)
+            refine_trial(ctx, study, trial, label)
+
+
+def refine_trial(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str) -> dict:
+    """Train `trial`'s student `refine.seeds` times with the refine schedule; record and return the best."""
+    r = ctx.cfg.refine
+    settings_key = {"epochs": r.epochs, "augment": r.augment, "seeds": r.seeds}
+    attr = f"refined:{trial.number}"
+    record = study.user_attrs.get(attr) or {}
+    if record.get("settings") != settings_key:
+        record = {"settings": settings_key, "seeds": []}
+    for k in range(len(record["seeds"]), r.seeds):
+        record["seeds"].append(_train_once(ctx, study, trial, k))
+        record["best"] = max(record["seeds"], key=lambda s: s["val_acc"])
+        study.set_user_attr(attr, record)
+    best = record["best"]
+    print(f"refined trial {trial.number} ({label}, {trial.user_attrs['params']:,} params; {r.epochs} epochs, "
+          f"augment {r.augment}, {r.seeds} seed{'s' if r.seeds > 1 else ''}): val_acc {trial.values[0]:.4f} -> "
+          f"{best['val_acc']:.4f}, test_acc {trial.user_attrs['test_acc']:.4f} -> {best['test_acc']:.4f}", flush=True)
+    return best
+
+
+def _train_once(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.FrozenTrial, k: int) -> dict:
+    """One refine training of `trial`'s student with seed number `k`, as its own nested MLflow run."""
+    cfg, data, r = ctx.cfg, ctx.data, ctx.cfg.refine
+    fixed = optuna.trial.FixedTrial(trial.params, trial.number)
+    if "baseline" in trial.user_attrs:  # a plain baseline samples its distillation by its kind
+        fixed.set_user_attr("baseline", trial.user_attrs["baseline"])
+    family, knobs, hp = sample_student(fixed, cfg)
+    seed = trial_seed(cfg.seed + SEED_OFFSET, trial.number * 1000 + k)
+    spec = student_spec(family, knobs, data.input_shape, data.num_classes)
+    model = seeded_student(spec, seed)
+    prepare_model(model, data.train.y.device)
+    settings = dataclasses.replace(train_settings(cfg, family, hp, seed), epochs=r.epochs, augment=r.augment)
+    run = ctx.client.create_run(ctx.experiment_id, run_name=f"refine trial {trial.number} seed {k}", tags={
+        "mlflow.parentRunId": ctx.study_run_id, tracking.ROLE: "refine", "optuna.study_name": study.study_name,
+        "optuna.trial_number": str(trial.number), "kdsearch.refined_from": trial.user_attrs.get("mlflow_run_id", "")})
+    run_id = run.info.run_id
+    tracking.log_values(ctx.client, run_id, params={**trial.params, "family": family, "refine_seed": k,
+                                                   "seed": seed, "epochs": r.epochs, "augment": r.augment})
+    buffer = tracking.MetricBuffer(ctx.client, run_id)
+    try:
+        work = Workload(data.train, data.val, ctx.normalize, ctx.teacher.targets(r.augment), cfg.engine.compile)
+        val_acc = InProcess(work).train(model, settings, lambda epoch, loss, acc: buffer.add(
+            {"train_loss": loss, "val_acc": acc}, step=epoch), PhaseTimer(data.train.y.device))
+        test_acc = correct(model, data.test, ctx.normalize).float().mean().item()
+        buffer.flush()
+        log_weights(ctx.client, run_id, model, spec)
+    except BaseException as e:
+        buffer.flush()
+        ctx.client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracking.log_values(ctx.client, run_id, metrics={"val_acc": val_acc, "test_acc": test_acc}, step=r.epochs)
+    ctx.client.set_terminated(run_id, "FINISHED")
+    return {"seed": seed, "val_acc": val_acc, "test_acc": test_acc, "run_id": run_id, "epochs": r.epochs,
+            "augment": r.augment}

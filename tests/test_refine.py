@@ -1,0 +1,112 @@
+"""The refine stage: the search's winners trained again with a longer schedule, picked by validation accuracy,
+recorded as nested MLflow runs, resumable, and used by the report and the export."""
+
+import json
+
+import optuna
+import pandas as pd
+import pytest
+from helpers import export_matches_student, fast
+from mlflow import MlflowClient
+
+from kdsearch import execution
+from kdsearch.cli import main
+from kdsearch.config import RefineConfig
+from kdsearch.refine import picked
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+
+
+def test_each_budget_picks_its_most_accurate_student_by_validation_not_test():
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    for val, test, params in ((0.90, 0.99, 1_000), (0.95, 0.80, 1_500), (0.97, 0.97, 9_000)):
+        study.add_trial(optuna.trial.create_trial(values=[val, params, 0.1], user_attrs={
+            "params": params, "latency_ms": 0.1, "test_acc": test}))
+    chosen = picked(study, RefineConfig(max_params=(2_000, 10_000, 500)))
+    assert [(label, t.number) for label, t in chosen] == [("params <= 2,000", 1), ("params <= 10,000", 2)]
+    assert [t.number for _, t in picked(study, RefineConfig())] == [0, 1, 2]  # no budget: the whole front
+
+
+def refine_args(*extra: str) -> list[str]:
+    return ["refine", *fast(), "--set", "refine.max_params=[1000000, 1]", "--set", "refine.epochs=2",
+            "--set", "refine.seeds=2", "--set", "refine.augment='crop'", *extra]
+
+
+@pytest.fixture
+def searched(workdir):
+    assert main(["run-study", *fast(), "--n-trials", "3"]) == 0
+    return optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+
+
+def test_refine_records_nested_runs_and_the_report_and_export_use_them(searched, workdir, capsys):
+    capsys.readouterr()
+    assert main(refine_args()) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    best = max(study.get_trials(states=[COMPLETE]), key=lambda t: (t.values[0], -t.user_attrs["params"]))
+    assert f"refined trial {best.number} (params <= 1,000,000, {best.user_attrs['params']:,} params; 2 epochs, " \
+           "augment crop, 2 seeds)" in out
+    assert "refine params <= 1: no complete student fits it" in out
+    record = study.user_attrs[f"refined:{best.number}"]
+    assert len(record["seeds"]) == 2 and record["best"] == max(record["seeds"], key=lambda s: s["val_acc"])
+    assert len({s["seed"] for s in record["seeds"]}) == 2
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    for s in record["seeds"]:
+        run = client.get_run(s["run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_run_id"]
+        assert run.data.metrics["test_acc"] == s["test_acc"] and run.data.params["augment"] == "crop"
+        assert [m.step for m in client.get_metric_history(s["run_id"], "val_acc")][:2] == [1, 2]
+    front = pd.read_csv(workdir / "reports" / "digits" / "pareto.csv")
+    row = front[front["trial"] == best.number].iloc[0]
+    assert row["refined_val_acc"] == pytest.approx(record["best"]["val_acc"]) and row["refined_epochs"] == 2
+    assert "refined" in (workdir / "reports" / "digits" / "pareto.html").read_text()
+    card = export_matches_student(workdir, "digits", best.number)
+    assert card["mlflow_run_id"] == record["best"]["run_id"] and card["val_acc"] == record["best"]["val_acc"]
+    assert card["refined"]["search_val_acc"] == best.values[0]
+
+
+def test_an_interrupted_refine_resumes_with_the_seeds_still_to_train(searched, workdir, monkeypatch):
+    trained = []
+    real = execution.InProcess.train
+
+    def train(self, model, settings, *args):
+        trained.append(settings.seed)
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        return real(self, model, settings, *args)
+
+    monkeypatch.setattr(execution.InProcess, "train", train)
+    assert main(refine_args()) == 130
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    (attr,) = [k for k in study.user_attrs if k.startswith("refined:")]
+    assert len(study.user_attrs[attr]["seeds"]) == 1
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id],
+                              "tags.`kdsearch.role` = 'refine'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    assert client.get_run(study.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert main(refine_args()) == 0  # the second seed only
+    assert trained[2:] == [trained[1]]
+    assert main(refine_args()) == 0  # already refined with these settings: nothing trains
+    assert len(trained) == 3
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    assert len(study.user_attrs[attr]["seeds"]) == 2
+    assert client.get_run(study.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_run_study_refines_after_its_search_when_asked(workdir, capsys):
+    args = ["run-study", *fast(), "--n-trials", "2", "--set", "refine.after_search=true", "--set", "refine.epochs=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "refined trial" in out and out.index("refined trial") < out.index("Pareto front of")
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    front = study.best_trials  # no budget: every student of the front
+    assert all(f"refined:{t.number}" in study.user_attrs for t in front)
+    assert json.loads(json.dumps(study.user_attrs["config"])).get("refine") is None  # not part of what resumes
+
+
+def test_refine_without_trials_says_to_run_the_study_first(workdir, capsys):
+    assert main(["refine", *fast()]) == 2
+    err = capsys.readouterr().err
+    assert "has no complete trial to refine: run-study first" in err and "\n" not in err.strip()
