@@ -293,11 +293,6 @@ def kd_methods(distill: DistillConfig) -> list[str]:
     return [distill.method] if isinstance(distill.method, str) else list(distill.method)
 
 
-def is_distillation_param(name: str) -> bool:
-    """Whether a trial's parameter is a distillation knob (one that cannot change a student's size or latency)."""
-    return name in ("method", "temperature", "alpha", "lr") or name.split(".")[0] in KD_METHODS
-
-
 def families(student: StudentConfig) -> list[str]:
     """The student families (or the user builder) a study samples from."""
     return [student.arch] if isinstance(student.arch, str) else list(student.arch)

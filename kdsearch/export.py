@@ -19,10 +19,10 @@ from mlflow import MlflowClient
 from torch import nn
 
 from kdsearch import KdsearchError, first_line
-from kdsearch.config import is_distillation_param
 from kdsearch.measure import study_latency
 from kdsearch.models import Architecture, StudentSpec, build_student, channels_of, convnet
 from kdsearch.onnx_graph import Deployable, to_onnx
+from kdsearch.students import is_distillation_param
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 

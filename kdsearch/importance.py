@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 
-from kdsearch.config import is_distillation_param
+from kdsearch.students import is_distillation_param
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 

@@ -15,7 +15,7 @@ import time
 
 import optuna
 
-from kdsearch.config import is_distillation_param
+from kdsearch.students import is_distillation_param
 
 CLEAR = "\r\x1b[2K"  # back to the line's start, and erase it
 

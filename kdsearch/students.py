@@ -20,13 +20,13 @@ import math
 import optuna
 
 from kdsearch.config import (
+    KD_METHODS,
     DistillConfig,
     IntRange,
     Range,
     StudentConfig,
     StudyConfig,
     families,
-    is_distillation_param,
     kd_methods,
 )
 from kdsearch.distill import TrainSettings
@@ -34,6 +34,11 @@ from kdsearch.kd_losses import METHOD_SPACE
 from kdsearch.models import FAMILIES, StudentSpec
 
 SHARED = ("temperature", "alpha", "lr")  # distillation knobs every trial of a kd study samples
+
+
+def is_distillation_param(name: str) -> bool:
+    """Whether a trial's parameter is a distillation knob (one that cannot change a student's size or latency)."""
+    return name in ("method", *SHARED) or name.split(".")[0] in KD_METHODS
 
 # Training defaults per family, measured on digits with benchmarks/bench_training.py (BENCHMARKS.md); `[distill]`
 # keys set to a value override them. The resnet gains from a warm-up and from leaving BatchNorm and biases
