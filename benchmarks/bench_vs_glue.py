@@ -9,12 +9,15 @@ multi-objective example (the objective returns val_acc, params and latency_ms; `
 with `MLflowCallback` for tracking and a torch DataLoader loop that runs the teacher on every batch. It is fair:
 same data split, same student networks (`kdsearch.models.convnet`) and search space, TPE seeded alike, same epochs,
 batch size, optimiser (SGD with Nesterov momentum, cosine decay per step) and KD loss; the teacher is trained once
-(read from a file in the cached arm), latency is timed with torch.utils.benchmark under the same settings.
-Optuna cannot prune a multi-objective study, so the script trains every trial to the end.
+(read from a file in the cached arm); the script writes its channel counts as integers (no rounding), as a user
+would. Optuna cannot prune a multi-objective study, so the script trains every trial to the end.
 
 Four arms per seed, each a fresh process in an empty folder, timed end to end (imports included): the script and
-`kdsearch run-study`, each with its teacher trained afresh and with it cached. Both fronts' hypervolumes use the
-one definition (`kdsearch.scores.hypervolume`) with the kdsearch teacher's parameters and latency as reference.
+`kdsearch run-study`, each with its teacher trained afresh and with it cached. Both arms are scored on the same
+latency figures: every architecture either arm trained is timed once here, as kdsearch times its students. Both
+fronts' hypervolumes use the one definition (`kdsearch.scores.hypervolume`) with the kdsearch teacher's parameters
+and latency as reference, and again with latency left out (accuracy against parameters). For kdsearch, the wall
+time from its start until its hypervolume history first reaches the script's final hypervolume.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str
         alpha = trial.suggest_float("alpha", *d.alpha)
         lr = trial.suggest_float("lr", *d.lr, log=True)
         model = convnet(data.input_shape, data.num_classes, base_width=s.base_width, width=width, depth=depth,
-                        convs_per_stage=s.convs_per_stage, channel_multiple=s.channel_multiple)
+                        convs_per_stage=s.convs_per_stage)  # integer channels, as a user writes it
         val_acc = fit(model, d.epochs, lr, d.batch_size, d.weight_decay, teacher, T, alpha)
         x = torch.randn(cfg.latency.batch_size, *data.input_shape)
         with torch.inference_mode():
@@ -116,6 +119,8 @@ def glue(study_file: str, overrides: list[str], n_trials: int, teacher_file: str
     tracking = MLflowCallback(tracking_uri="sqlite:///mlflow.db", metric_name=["val_acc", "params", "latency_ms"])
     study.optimize(objective, n_trials=n_trials, callbacks=[tracking])
     Path(out).write_text(json.dumps({"points": [t.values for t in study.trials if t.values],
+                                     "knobs": [[t.params["width"], t.params["depth"], 1] for t in study.trials
+                                               if t.values],
                                      "trials_s": span[-1] - span[0]}))
 
 
@@ -127,15 +132,47 @@ def timed(command: list[str], folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
+_LATENCY: dict[tuple, float] = {}  # each architecture timed once, the same way, for both arms
+
+
+def retimed(cfg, width: float, depth: int, multiple: int) -> float:
+    """The latency of a convnet of the study, timed here as kdsearch times its students (its runtime and settings)."""
+    from kdsearch.data import load_dataset
+    from kdsearch.measure import deployable, measure_latency
+    from kdsearch.models import channels_of, convnet
+
+    if "data" not in _LATENCY:
+        data = load_dataset(cfg.data, cfg.seed)
+        _LATENCY["data"] = (tuple(data.input_shape), data.num_classes)
+    shape, classes = _LATENCY["data"]
+    s = cfg.student
+    model = convnet(shape, classes, base_width=s.base_width, width=width, depth=depth,
+                    convs_per_stage=s.convs_per_stage, channel_multiple=multiple).eval()
+    key = tuple(channels_of(model))
+    if key not in _LATENCY:
+        _LATENCY[key] = measure_latency(deployable(model, shape, cfg.latency), shape, cfg.latency).median_ms
+    return _LATENCY[key]
+
+
+def scores(points: list, teacher: dict) -> dict:
+    """The hypervolume of (val_acc, params, latency_ms) points, and the same with latency left out."""
     from kdsearch.scores import hypervolume
+
+    return {"hypervolume": hypervolume(points, teacher),
+            "hypervolume_2d": hypervolume([(a, p, 0.0) for a, p, _ in points], {**teacher, "latency_ms": 1.0})}
+
+
+def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
+    from kdsearch.scores import hypervolume_history
     from kdsearch.study_file import load_study
 
     sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
-    name = load_study(args.study, sets).name
-    result = {}
+    cfg = load_study(args.study, sets)
+    name = cfg.name
+    result, studies = {}, {}
     for arm in args.arms:
         folder = Path(tempfile.mkdtemp(prefix="vs-glue-"))
+        started = time.time()
         if arm.startswith("glue"):
             teacher = teachers / f"teacher-{seed}.pt"
             if arm == "glue fresh" and teacher.exists():
@@ -144,7 +181,8 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
                     f"glue({args.study!r}, {sets!r}, {args.n_trials}, {str(teacher)!r}, 'front.json')")
             seconds = timed([sys.executable, "-c", code], folder)
             front = json.loads((folder / "front.json").read_text())
-            points, trials_s = front["points"], front["trials_s"]
+            points = [(a, p, retimed(cfg, *k)) for (a, p, _), k in zip(front["points"], front["knobs"])]
+            trials_s = front["trials_s"]
         else:
             cache = shared_cache  # the teacher's key holds the seed: the fresh arm trains it, the cached one reads it
             cmd = [sys.executable, "-m", "kdsearch", "run-study", args.study, "--n-trials", str(args.n_trials),
@@ -153,15 +191,37 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
             import optuna
 
             study = optuna.load_study(study_name=name, storage=f"sqlite:///{folder}/optuna.db")
-            points = [t.values for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
+            multiple = study.user_attrs["config"]["student"]["channel_multiple"]
+            studies[arm] = (study, started, multiple)
+            points = [(t.values[0], t.values[1], retimed(cfg, t.params["width"], t.params["depth"], multiple))
+                      for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
             finished = [t for t in study.trials if t.datetime_complete]
             trials_s = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
                         ).total_seconds()
             result["teacher"] = study.user_attrs["teacher"]
         result[arm] = {"seconds": seconds, "points": points, "trials_s": trials_s}
     for arm in args.arms:
-        result[arm]["hypervolume"] = hypervolume(result[arm]["points"], result["teacher"])
+        result[arm].update(scores(result[arm]["points"], result["teacher"]))
+    for arm, (study, started, multiple) in studies.items():
+        script = result.get(arm.replace("kdsearch", "glue"))
+        if script is None:
+            continue
+        def point(t, multiple=multiple):
+            return t.values[0], t.values[1], retimed(cfg, t.params["width"], t.params["depth"], multiple)
+
+        history = hypervolume_history(study, result["teacher"], point)
+        first_start = min(t.datetime_start for t in study.trials if t.datetime_start).timestamp()
+        reached = history[history["hypervolume"] >= script["hypervolume"]]
+        result[arm]["to_script_front_s"] = (float(reached["seconds"].iloc[0]) + first_start - started
+                                            if len(reached) else None)
     return result
+
+
+def _reach(r: dict) -> str:
+    if "to_script_front_s" not in r:
+        return ""
+    t = r["to_script_front_s"]
+    return ", the script's front not reached" if t is None else f", the script's front after {t:.1f} s"
 
 
 def spread(values: list[float]) -> str:
@@ -188,13 +248,23 @@ def main() -> None:
             results.append(one_seed(args, seed, Path(teachers), Path(cache)))
             r = results[-1]
             print(f"seed {seed}: " + ", ".join(f"{arm} {r[arm]['seconds']:.1f} s, trials {r[arm]['trials_s']:.1f} s "
-                                               f"(hv {r[arm]['hypervolume']:.4f})" for arm in args.arms), flush=True)
+                                               f"(hv {r[arm]['hypervolume']:.4f}, 2-D {r[arm]['hypervolume_2d']:.4f}"
+                                               f"{_reach(r[arm])})" for arm in args.arms), flush=True)
     print(f"{args.n_trials} trials a study, seeds {args.seeds}; mean +/- sd over the seeds:")
     for arm in args.arms:
         secs = [r[arm]["seconds"] for r in results]
         per_trial = statistics.mean(r[arm]["trials_s"] for r in results) / args.n_trials
         print(f"  {arm:>15}: {spread(secs)} s end to end, {per_trial:.2f} s a trial (first trial's start to last "
-              f"one's end, over the trials); hypervolume {spread([r[arm]['hypervolume'] for r in results])}")
+              f"one's end, over the trials); hypervolume {spread([r[arm]['hypervolume'] for r in results])}, "
+              f"2-D (accuracy against parameters) {spread([r[arm]['hypervolume_2d'] for r in results])}")
+        reach = [r[arm].get("to_script_front_s", False) for r in results]
+        if arm.startswith("kdsearch") and all(v is not False for v in reach):
+            got = [v for v in reach if v is not None]
+            script = [r[arm.replace("kdsearch", "glue")]["seconds"] for r, v in zip(results, reach) if v is not None]
+            share = statistics.mean(g / s for g, s in zip(got, script)) if got else 0.0
+            print(f"  {'':>15}  reached the script's final hypervolume in {len(got)} of {len(reach)} seeds"
+                  + (f", after {statistics.mean(got):.1f} s on average ({share:.2f}x the script's end-to-end time)"
+                     if got else ""))
     for kind in ("fresh", "cached"):
         if f"glue {kind}" in args.arms and f"kdsearch {kind}" in args.arms:
             pairs = [(r[f"glue {kind}"], r[f"kdsearch {kind}"]) for r in results]
