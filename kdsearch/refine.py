@@ -22,6 +22,7 @@ from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.execution import InProcess, Workload
 from kdsearch.students import sample_student, student_spec, train_settings
 from kdsearch.study import trial_seed
+from kdsearch.timing_lock import training_epoch
 from kdsearch.trial import StudyContext, log_weights, seeded_student
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -104,7 +105,8 @@ def _train_once(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.Froz
         work = Workload(data.train, data.val, ctx.normalize, ctx.teacher.targets(r.augment), cfg.engine.compile)
         val_acc = InProcess(work).train(model, settings, lambda epoch, loss, acc: buffer.add(
             {"train_loss": loss, "val_acc": acc}, step=epoch), PhaseTimer(data.train.y.device))
-        test_acc = correct(model, data.test, ctx.normalize).float().mean().item()
+        with training_epoch():  # compute like an epoch's: never beside a latency timing
+            test_acc = correct(model, data.test, ctx.normalize).float().mean().item()
         buffer.flush()
         log_weights(ctx.client, run_id, model, spec)
     except BaseException as e:
