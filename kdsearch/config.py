@@ -43,7 +43,7 @@ class AutoBool(str):
 
 RESERVED_KNOBS = ("arch", "family", "method", "temperature", "alpha", "lr", "seed", "epochs", "batch_size", "channels",
                   "trial", "params", "latency_ms", "val_acc", "test_acc", "flops", "schedule", "decay_norms",
-                  "label_smoothing")
+                  "label_smoothing", *KD_METHODS)
 
 
 class IntOrRange(int):

@@ -96,7 +96,8 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
                                 "search_test_acc": trial.user_attrs["test_acc"]},
         "latency": {"median_ms": trial.user_attrs["latency_ms"], "iqr_ms": trial.user_attrs.get("latency_iqr_ms"),
                     **study_latency(study.user_attrs)},
-        "distillation": {"method": trial.params.get("method", _single_method(config)), **distillation_knobs(trial),
+        "distillation": {"method": trial.params.get("method", _single_method(config, trial)),
+                         **distillation_knobs(trial),
                          "epochs": config["distill"]["epochs"],
                          **{k: v for k, v in trial.user_attrs.get("training", {}).items()}},
         "teacher": study.user_attrs.get("teacher"), "dataset": config["data"]["dataset"],
@@ -135,9 +136,11 @@ def export_study_student(study_name: str, storage: str, tracking_uri: str | None
     return export_student(study, chosen, client_for(tracking_uri), out / study_name / f"trial-{chosen.number}")
 
 
-def _single_method(config: dict) -> str:
+def _single_method(config: dict, trial: optuna.trial.FrozenTrial) -> str:
     method = config["distill"].get("method", "kd")
-    return method if isinstance(method, str) else "kd"  # a plain baseline of a study whose methods leave out kd
+    if trial.user_attrs.get("baseline") == "no-kd" or not isinstance(method, str):
+        return "kd"  # a plain baseline trains with kd at alpha 0 whatever the study's methods
+    return method
 
 
 def distillation_knobs(trial: optuna.trial.FrozenTrial) -> dict:

@@ -61,15 +61,22 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature:
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, epoch: int, *,
              alpha: float, beta: float, temperature: float, warmup: int) -> torch.Tensor:
     target = F.one_hot(labels, student_logits.shape[1]).bool()
-    p_s = F.softmax(student_logits / temperature, dim=1)
-    p_t = F.softmax(teacher_logits / temperature, dim=1)
-    binary_s = torch.stack([p_s[target], 1 - p_s[target]], dim=1)  # (target, all others)
-    binary_t = torch.stack([p_t[target], 1 - p_t[target]], dim=1)
-    tckd = (binary_t * (binary_t.log() - binary_s.log())).sum(dim=1).mean()
+    # TCKD: KL between the (target, all others) probabilities, in log space: a confident teacher's 1 - p rounds to
+    # 0 in float32, and 0 * log 0 must read 0 (as F.kl_div takes it), not NaN
+    binary_s, binary_t = _binary_log_probs(student_logits / temperature, target), \
+        _binary_log_probs(teacher_logits / temperature, target)
+    tckd = F.kl_div(binary_s, binary_t, reduction="batchmean", log_target=True)
     hidden = -1000.0 * target  # the target class left out of the softmax among the others
     nckd = _kl(teacher_logits + hidden * temperature, student_logits + hidden * temperature, temperature)
     ramp = min(epoch / warmup, 1.0) if warmup > 0 else 1.0
     return F.cross_entropy(student_logits, labels) + ramp * temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def _binary_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log (p_target, 1 - p_target) of softmax(logits), each row, without forming 1 - p."""
+    log_p = F.log_softmax(logits, dim=1)
+    others = torch.logsumexp(logits.masked_fill(target, float("-inf")), dim=1) - torch.logsumexp(logits, dim=1)
+    return torch.stack([log_p[target], others], dim=1)
 
 
 def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

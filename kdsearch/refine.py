@@ -23,7 +23,7 @@ from kdsearch.execution import InProcess, Workload
 from kdsearch.students import sample_student, student_spec, train_settings
 from kdsearch.study import trial_seed
 from kdsearch.timing_lock import training_epoch
-from kdsearch.trial import StudyContext, log_weights, seeded_student
+from kdsearch.trial import StudyContext, log_weights, seeded_student, unexpected
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 SEED_OFFSET = 1_000_003  # refine seeds differ from every trial's own
@@ -41,7 +41,9 @@ def picked(study: optuna.Study, r: RefineConfig) -> list[tuple[str, optuna.trial
     budgets = [(f"params <= {b:,}", "params", b) for b in r.max_params]
     budgets += [(f"latency <= {b:g} ms", "latency_ms", b) for b in r.max_latency_ms]
     if not budgets:
-        front = study.best_trials if len(study.directions) > 1 else [study.best_trial] if complete else []
+        # budget mode: a student over a limit never completes (it is pruned before training)
+        front = study.best_trials if len(study.directions) > 1 else \
+            [max(complete, key=lambda t: t.values[0])] if complete else []
         return [("front", t) for t in sorted(front, key=lambda t: t.user_attrs["params"])]
     out = []
     for label, key, bound in budgets:
@@ -60,7 +62,11 @@ def refine_study(ctx: StudyContext, study: optuna.Study) -> None:
     for label, trial in picked(study, r):
         if trial.number not in done:
             done.add(trial.number)
-            refine_trial(ctx, study, trial, label)
+            try:
+                refine_trial(ctx, study, trial, label)
+            except Exception as e:  # e.g. a loss that diverged with the longer schedule: the others still refine
+                print(f"refining trial {trial.number} failed ({unexpected(e)}); its search result stands",
+                      flush=True)
 
 
 def refine_trial(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str) -> dict:

@@ -73,12 +73,13 @@ def refine(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "s
            reports_dir: str | Path = "reports") -> optuna.Study:
     """The `refine` command: refine a study's winners as its `[refine]` section says (see `refine.py`), then
     write and log the report."""
-    from kdsearch.report import report_study
+    from kdsearch.report import load_existing_study, report_study
 
+    name = study_name or cfg.name
+    if not load_existing_study(name, storage).get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        raise KdsearchError(f"study '{name}' has no complete trial to refine: run-study first")
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
                            cache_dir=cache_dir)
-    if not session.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
-        raise KdsearchError(f"study '{session.study.study_name}' has no complete trial to refine: run-study first")
     _refined(session)
     session.ctx.client.set_terminated(session.ctx.study_run_id, "FINISHED")
     report_study(session.study, Path(reports_dir), session.ctx.client)

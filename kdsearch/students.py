@@ -139,13 +139,18 @@ def family_params(cfg: StudyConfig, family: str, method: str | None = None) -> l
 
 def translated_params(cfg: StudyConfig, params: dict, family: str) -> dict:
     """An earlier study's trial of `family` named as this study names it: plain knob names where this study has
-    one family, `arch` and `<family>.<knob>` where it has several (a warm start between the two kinds)."""
+    one family, `arch` and `<family>.<knob>` where it has several (a warm start between the two kinds); `method`
+    where this study samples several KD methods."""
     names = families(cfg.student)
     out = {"arch": family} if len(names) > 1 else {}
     for name, value in params.items():
-        if name != "arch":
+        if name not in ("arch", "method"):
             knob = name.split(".", 1)[1] if name.startswith(f"{family}.") else name
             out[knob if is_distillation_param(knob) else param_name(cfg, family, knob)] = value
+    # the KD method, named where this study samples it: the earlier trial's, else the one its knobs belong to
+    method = params.get("method") or next((k.split(".")[0] for k in params if k.split(".")[0] in KD_METHODS), "kd")
+    if len(kd_methods(cfg.distill)) > 1:
+        out["method"] = method
     return out
 
 

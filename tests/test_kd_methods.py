@@ -22,6 +22,7 @@ from kdsearch.students import (
     sample_student,
     search_space,
     train_settings,
+    translated_params,
 )
 from kdsearch.study import baseline_params, make_sampler
 
@@ -231,3 +232,36 @@ def test_a_study_over_every_method_reports_each_methods_gain_and_exports_its_kno
     card = json.loads((workdir / "exports" / "digits" / f"trial-{dkd.number}" / "card.json").read_text())
     assert card["distillation"]["method"] == "dkd" and card["distillation"]["dkd.beta"] == 8.0
     assert card["distillation"]["temperature"] == 4.0 and "alpha" not in card["distillation"]
+
+
+def test_dkd_stays_finite_for_a_teacher_sure_of_its_answer():
+    """A logit margin of 80 at T 1 rounds the teacher's other classes to probability 0 in float32: the target part
+    is then -log p_s(target) of the two bins and must not read 0 * log 0 = NaN."""
+    s, _, y = tensors()
+    sure = torch.tensor([[80.0, 0.0, 0.0], [0.0, 80.0, 0.0]])
+    got = dkd_loss(s, sure, y, 1, alpha=1.0, beta=8.0, temperature=1.0, warmup=1).item()
+    by_hand_tckd = sum(-math.log(softmax(r)[t]) for r, t in zip(S, Y)) / 2  # KL from (1, 0) to (p, 1 - p)
+    nckd = sum(kl(softmax([v for i, v in enumerate(t) if i != c]), softmax([v for i, v in enumerate(r) if i != c]))
+               for r, t, c in zip(S, sure.tolist(), Y)) / 2
+    assert got == pytest.approx(ce(S, Y) + by_hand_tckd + 8.0 * nckd, rel=1e-5)
+
+
+def test_a_warm_start_carries_students_between_kd_alone_and_a_method_list():
+    kd_only, several = StudyConfig(), methods_config(("kd", "dkd"))
+    kd_trial = {"width": 1.0, "depth": 2, "temperature": 4.0, "alpha": 0.5, "lr": 0.05}
+    into_several = translated_params(several, kd_trial, "convnet")
+    assert into_several == {**kd_trial, "method": "kd"} and params_in_space(several, into_several)
+    back = translated_params(kd_only, into_several, "convnet")
+    assert back == kd_trial and params_in_space(kd_only, back)
+    dkd_trial = {"width": 1.0, "depth": 2, "temperature": 4.0, "dkd.beta": 2.0, "lr": 0.05}
+    assert translated_params(several, dkd_trial, "convnet")["method"] == "dkd"
+    assert not params_in_space(kd_only, translated_params(kd_only, {**dkd_trial, "method": "dkd"}, "convnet"))
+
+
+def test_a_method_name_cannot_be_a_builders_knob(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text("[student]\narch = 'pkg.mod:build'\n[student.custom]\ndkd = [1, 4]\n")
+    from kdsearch import KdsearchError
+    from kdsearch.study_file import load_study
+    with pytest.raises(KdsearchError, match="student.custom.dkd: this name is taken"):
+        load_study(path)

@@ -106,7 +106,8 @@ def test_run_study_refines_after_its_search_when_asked(workdir, capsys):
     assert json.loads(json.dumps(study.user_attrs["config"])).get("refine") is None  # not part of what resumes
 
 
-def test_refine_without_trials_says_to_run_the_study_first(workdir, capsys):
-    assert main(["refine", *fast()]) == 2
+def test_refine_of_a_study_that_does_not_exist_creates_nothing(workdir, capsys):
+    assert main(["refine", *fast(), "--study-name", "nosuch"]) == 2
     err = capsys.readouterr().err
-    assert "has no complete trial to refine: run-study first" in err and "\n" not in err.strip()
+    assert "no study 'nosuch'" in err and "\n" not in err.strip()
+    assert not (workdir / "mlflow.db").exists() and not (workdir / ".kdsearch-cache").exists()
