@@ -61,15 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run-study", help="run or resume a study",
                               description="Run (or resume, with the same --study-name) an Optuna study of students "
                                           "distilled from the study's teacher; then write the Pareto report.")
-    run.add_argument("study", nargs="?", default=DEFAULT_STUDY,
-                     help="study file (.toml) or name of one in studies/ (default: %(default)s)")
+    _add_study_args(run, "distill.epochs=5")
     run.add_argument("--n-trials", type=_positive_int, help="trials to add in this run (default: the study file's, 20)")
     run.add_argument("--timeout", type=_seconds, help="stop starting new trials after this many seconds")
-    run.add_argument("--data-dir", help="folder holding the dataset (default: the study file's data.data_dir)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a study-file key, e.g. --set distill.epochs=5 (repeatable)")
-    run.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
-    run.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
     run.add_argument("--workers", type=_positive_int, default=1,
                      help="local worker processes sharing the study (needs a PostgreSQL or journal: --storage)")
     run.add_argument("--warm-start-from", metavar="STUDY",
@@ -82,13 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Train the most accurate student of each [refine] budget (or the whole "
                                           "front) again with the [refine] schedule, as MLflow runs nested under the "
                                           "study's run; then write the report. Resumable: run it again.")
-    ref.add_argument("study", nargs="?", default=DEFAULT_STUDY,
-                     help="study file (.toml) or name of one in studies/ (default: %(default)s)")
-    ref.add_argument("--data-dir", help="folder holding the dataset (default: the study file's data.data_dir)")
-    ref.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a study-file key, e.g. --set refine.epochs=60 (repeatable)")
-    ref.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
-    ref.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
+    _add_study_args(ref, "refine.epochs=60")
     _add_common(ref)
 
     rep = commands.add_parser("report", help="write the Pareto report of a study",
@@ -117,6 +105,17 @@ def study_name(text: str) -> str:
     return text
 
 
+def _add_study_args(p: argparse.ArgumentParser, example: str) -> None:
+    """The study file and what opens a session on it: run-study's and refine's."""
+    p.add_argument("study", nargs="?", default=DEFAULT_STUDY,
+                   help="study file (.toml) or name of one in studies/ (default: %(default)s)")
+    p.add_argument("--data-dir", help="folder holding the dataset (default: the study file's data.data_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a study-file key, e.g. --set {example} (repeatable)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when visible, else cpu)")
+    p.add_argument("--cache-dir", default=".kdsearch-cache", help="teacher cache (default: %(default)s)")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study-name", type=study_name,
                    help="Optuna study name (default: the study file's name; report: 'digits')")
@@ -131,14 +130,9 @@ def cmd_run_study(args: argparse.Namespace) -> None:
     from kdsearch.search import run_study
     from kdsearch.study_file import load_study
 
-    overrides = list(args.set)
-    if args.n_trials:
-        overrides.append(f"search.n_trials={args.n_trials}")
-    if args.timeout:
-        overrides.append(f"search.timeout={args.timeout}")
-    if args.data_dir:
-        overrides.append(f"data.data_dir={args.data_dir!r}")
-    study_file = find_study_file(args.study)
+    overrides = [*([f"search.n_trials={args.n_trials}"] if args.n_trials else []),
+                 *([f"search.timeout={args.timeout}"] if args.timeout else [])]
+    study_file, overrides = find_study_file(args.study), _overrides(args, overrides)
     cfg = load_study(study_file, overrides)
     common = {"study_name": args.study_name, "storage": args.storage, "tracking_uri": args.tracking_uri,
               "device": args.device, "cache_dir": args.cache_dir, "reports_dir": args.reports_dir,
@@ -151,12 +145,16 @@ def cmd_run_study(args: argparse.Namespace) -> None:
         run_study(cfg, until_complete=args.until_complete, report=not args.until_complete, **common)
 
 
+def _overrides(args: argparse.Namespace, more: list[str] | None = None) -> list[str]:
+    """--set, then the options that stand for study-file keys."""
+    return [*args.set, *(more or []), *([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])]
+
+
 def cmd_refine(args: argparse.Namespace) -> None:
     from kdsearch.search import refine
     from kdsearch.study_file import load_study
 
-    overrides = list(args.set) + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
-    cfg = load_study(find_study_file(args.study), overrides)
+    cfg = load_study(find_study_file(args.study), _overrides(args))
     refine(cfg, study_name=args.study_name, storage=args.storage, tracking_uri=args.tracking_uri,
            device=args.device, cache_dir=args.cache_dir, reports_dir=args.reports_dir)
 

@@ -68,7 +68,9 @@ def export_student(study: optuna.Study, trial: optuna.trial.FrozenTrial, client:
                    ) -> dict[str, Path]:
     """Write student.pt2, student.onnx and card.json under out_dir and log the model on the trial's run (or, for
     a refined student, on its best refined run, whose weights are exported)."""
-    refined = (study.user_attrs.get(f"refined:{trial.number}") or {}).get("best")
+    from kdsearch.refine import refined as refined_run
+
+    refined = refined_run(study, trial.number)
     run_id = refined["run_id"] if refined else trial.user_attrs["mlflow_run_id"]
     student, spec = load_student(client, run_id)
     config = study.user_attrs["config"]

@@ -29,9 +29,10 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 SEED_OFFSET = 1_000_003  # refine seeds differ from every trial's own
 
 
-def refined(trial: optuna.trial.FrozenTrial, study: optuna.Study) -> dict | None:
-    """The best refined run of `trial` ({"seed", "val_acc", "test_acc", "run_id", ...}), or None."""
-    return (study.user_attrs.get(f"refined:{trial.number}") or {}).get("best")
+def refined(study: optuna.Study, number: int) -> dict | None:
+    """The best refined run of trial `number` ({"seed", "val_acc", "test_acc", "run_id", "epochs", "augment"}), or
+    None: what the report, the card and `export` read."""
+    return (study.user_attrs.get(f"refined:{number}") or {}).get("best")
 
 
 def picked(study: optuna.Study, r: RefineConfig) -> list[tuple[str, optuna.trial.FrozenTrial]]:
@@ -100,12 +101,10 @@ def _train_once(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.Froz
     model = seeded_student(spec, seed)
     prepare_model(model, data.train.y.device)
     settings = dataclasses.replace(train_settings(cfg, family, hp, seed), epochs=r.epochs, augment=r.augment)
-    run = ctx.client.create_run(ctx.experiment_id, run_name=f"refine trial {trial.number} seed {k}", tags={
-        "mlflow.parentRunId": ctx.study_run_id, tracking.ROLE: "refine", "optuna.study_name": study.study_name,
-        "optuna.trial_number": str(trial.number), "kdsearch.refined_from": trial.user_attrs.get("mlflow_run_id", "")})
-    run_id = run.info.run_id
-    tracking.log_values(ctx.client, run_id, params={**trial.params, "family": family, "refine_seed": k,
-                                                   "seed": seed, "epochs": r.epochs, "augment": r.augment})
+    params = {**trial.params, "family": family, "refine_seed": k, "seed": seed, "epochs": r.epochs,
+              "augment": r.augment}
+    run_id = tracking.start_refine_run(ctx.client, ctx.experiment_id, ctx.study_run_id, study.study_name, trial,
+                                       k, params)
     buffer = tracking.MetricBuffer(ctx.client, run_id)
     try:
         work = Workload(data.train, data.val, ctx.normalize, ctx.teacher.targets(r.augment), cfg.engine.compile)

@@ -44,7 +44,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def _refined_columns(study: optuna.Study, number: int) -> dict:
-    best = (study.user_attrs.get(f"refined:{number}") or {}).get("best")
+    from kdsearch.refine import refined
+
+    best = refined(study, number)
     if not best:
         return {}
     return dict(zip(charts.REFINED_COLUMNS, (best["val_acc"], best["test_acc"], best["epochs"], best["run_id"])))

@@ -170,6 +170,16 @@ def start_trial_run(client: MlflowClient, exp_id: str, study_run_id: str, study_
     return run.info.run_id
 
 
+def start_refine_run(client: MlflowClient, exp_id: str, study_run_id: str, study_name: str, trial, seed_number: int,
+                     params: dict) -> str:
+    """A refine training of `trial`'s student (see `refine.py`), nested under the study's run beside the trials."""
+    run = client.create_run(exp_id, run_name=f"refine trial {trial.number} seed {seed_number}", tags={
+        "mlflow.parentRunId": study_run_id, ROLE: "refine", "optuna.study_name": study_name,
+        "optuna.trial_number": str(trial.number), "kdsearch.refined_from": trial.user_attrs.get("mlflow_run_id", "")})
+    log_values(client, run.info.run_id, params=params)
+    return run.info.run_id
+
+
 def end_trial_run(client: MlflowClient, run_id: str, state: str, reason: str = "",
                   interrupted: bool = False, metrics: dict | None = None, step: int = 0) -> None:
     """Log the last metrics and close a trial's run with the Optuna state as a tag: COMPLETE -> FINISHED, FAIL ->
