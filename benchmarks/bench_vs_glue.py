@@ -18,6 +18,13 @@ latency figures: every architecture either arm trained is timed once here, as kd
 fronts' hypervolumes use the one definition (`kdsearch.scores.hypervolume`) with the kdsearch teacher's parameters
 and latency as reference, and again with latency left out (accuracy against parameters). For kdsearch, the wall
 time from its start until its hypervolume history first reaches the script's final hypervolume.
+
+To compare several kdsearch settings against one set of script runs, save the script's runs and read them back:
+
+    python benchmarks/bench_vs_glue.py --arms "glue fresh" --save script.json
+    python benchmarks/bench_vs_glue.py --arms "kdsearch fresh" --script-from script.json --set student.channel_multiple=1
+
+(the saved file keeps each seed's script front and every latency figure, so both arms stay on the same figures).
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ def retimed(cfg, width: float, depth: int, multiple: int) -> float:
     s = cfg.student
     model = convnet(shape, classes, base_width=s.base_width, width=width, depth=depth,
                     convs_per_stage=s.convs_per_stage, channel_multiple=multiple).eval()
-    key = tuple(channels_of(model))
+    key = json.dumps(channels_of(model))
     if key not in _LATENCY:
         _LATENCY[key] = measure_latency(deployable(model, shape, cfg.latency), shape, cfg.latency).median_ms
     return _LATENCY[key]
@@ -162,14 +169,14 @@ def scores(points: list, teacher: dict) -> dict:
             "hypervolume_2d": hypervolume([(a, p, 0.0) for a, p, _ in points], {**teacher, "latency_ms": 1.0})}
 
 
-def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
+def one_seed(args, seed: int, teachers: Path, shared_cache: Path, saved: dict) -> dict:
     from kdsearch.scores import hypervolume_history
     from kdsearch.study_file import load_study
 
     sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
     cfg = load_study(args.study, sets)
     name = cfg.name
-    result, studies = {}, {}
+    result, studies = dict(saved.get(str(seed), {})), {}
     for arm in args.arms:
         folder = Path(tempfile.mkdtemp(prefix="vs-glue-"))
         started = time.time()
@@ -200,8 +207,9 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
                         ).total_seconds()
             result["teacher"] = study.user_attrs["teacher"]
         result[arm] = {"seconds": seconds, "points": points, "trials_s": trials_s}
-    for arm in args.arms:
-        result[arm].update(scores(result[arm]["points"], result["teacher"]))
+    for arm in arms_of(result):
+        if "teacher" in result:  # the reference point: a script run alone is scored when read back
+            result[arm].update(scores(result[arm]["points"], result["teacher"]))
     for arm, (study, started, multiple) in studies.items():
         script = result.get(arm.replace("kdsearch", "glue"))
         if script is None:
@@ -217,11 +225,20 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path) -> dict:
     return result
 
 
+def arms_of(result: dict) -> list[str]:
+    return [arm for arm in ARMS if arm in result]
+
+
 def _reach(r: dict) -> str:
     if "to_script_front_s" not in r:
         return ""
     t = r["to_script_front_s"]
     return ", the script's front not reached" if t is None else f", the script's front after {t:.1f} s"
+
+
+def _line(arm: str, r: dict) -> str:
+    hv = f" (hv {r['hypervolume']:.4f}, 2-D {r['hypervolume_2d']:.4f}{_reach(r)})" if "hypervolume" in r else ""
+    return f"{arm} {r['seconds']:.1f} s, trials {r['trials_s']:.1f} s{hv}"
 
 
 def spread(values: list[float]) -> str:
@@ -238,20 +255,28 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="which arms to run (a cached arm without its fresh one trains the teacher itself)")
+    parser.add_argument("--save", metavar="FILE", help="write each seed's results and the latency figures here")
+    parser.add_argument("--script-from", metavar="FILE", help="read the script's arms from a file --save wrote")
     args = parser.parse_args()
+    saved = json.loads(Path(args.script_from).read_text()) if args.script_from else {"seeds": {}, "latency": {}}
+    _LATENCY.update(saved["latency"])
+    saved = {seed: {arm: r for arm, r in arms.items() if arm.startswith("glue")} for seed, arms in saved["seeds"].items()}
     args.study = str(Path(args.study).resolve()) if Path(args.study).exists() else str(ROOT / "studies" /
                                                                                         f"{args.study}.toml")
     args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
     results = []
     with tempfile.TemporaryDirectory() as teachers, tempfile.TemporaryDirectory() as cache:
         for seed in args.seeds:
-            results.append(one_seed(args, seed, Path(teachers), Path(cache)))
-            r = results[-1]
-            print(f"seed {seed}: " + ", ".join(f"{arm} {r[arm]['seconds']:.1f} s, trials {r[arm]['trials_s']:.1f} s "
-                                               f"(hv {r[arm]['hypervolume']:.4f}, 2-D {r[arm]['hypervolume_2d']:.4f}"
-                                               f"{_reach(r[arm])})" for arm in args.arms), flush=True)
+            results.append(one_seed(args, seed, Path(teachers), Path(cache), saved))
+            if args.save:
+                Path(args.save).write_text(json.dumps({"seeds": dict(zip(map(str, args.seeds), results)),
+                                                       "latency": {k: v for k, v in _LATENCY.items() if k != "data"}}))
+            print(f"seed {seed}: " + ", ".join(_line(arm, results[-1][arm]) for arm in arms_of(results[-1])),
+                  flush=True)
+    if "teacher" not in results[0]:
+        return
     print(f"{args.n_trials} trials a study, seeds {args.seeds}; mean +/- sd over the seeds:")
-    for arm in args.arms:
+    for arm in arms_of(results[0]):
         secs = [r[arm]["seconds"] for r in results]
         per_trial = statistics.mean(r[arm]["trials_s"] for r in results) / args.n_trials
         print(f"  {arm:>15}: {spread(secs)} s end to end, {per_trial:.2f} s a trial (first trial's start to last "
@@ -266,7 +291,7 @@ def main() -> None:
                   + (f", after {statistics.mean(got):.1f} s on average ({share:.2f}x the script's end-to-end time)"
                      if got else ""))
     for kind in ("fresh", "cached"):
-        if f"glue {kind}" in args.arms and f"kdsearch {kind}" in args.arms:
+        if f"glue {kind}" in results[0] and f"kdsearch {kind}" in results[0]:
             pairs = [(r[f"glue {kind}"], r[f"kdsearch {kind}"]) for r in results]
             ratio = statistics.mean(g["seconds"] / k["seconds"] for g, k in pairs)
             per_trial = statistics.mean(g["trials_s"] / k["trials_s"] for g, k in pairs)
