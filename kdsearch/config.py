@@ -136,9 +136,10 @@ class ResnetConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     arch: Families = Families("convnet")  # a family, a list of families, or a builder "package.module:function"
-    # built-in families round channel counts to a multiple of this (1: no rounding); in ONNX Runtime other counts
-    # ran 1.1-4.5x slower per parameter, multiples of 4 within 1.14x of 8's (benchmarks/bench_channels.py)
-    channel_multiple: int = positive(4)
+    # built-in families round channel counts to a multiple of this (1: no rounding). In ONNX Runtime other counts
+    # ran 1.1-4.5x slower per parameter, multiples of 4 within 1.14x of 8's (benchmarks/bench_channels.py), yet
+    # unrounded widths found better fronts on the default study, latency axis included (BENCHMARKS.md, issue 19)
+    channel_multiple: int = positive(1)
     # the convnet's knobs
     base_width: int = positive(8)  # channels of the first stage at width multiplier 1
     width: Range = positive(Range((0.25, 2.0)))  # channel multiplier, sampled on a log scale

@@ -41,11 +41,13 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 def _sampler_of(name: str, conditional: bool = False) -> Callable[[int], optuna.samplers.BaseSampler]:
     """`conditional`: the study searches several student families, each trial holding its own family's knobs; TPE
-    then models each group of parameters that occur together (`group=True`), where otherwise it would model only
-    the knobs every trial shares and sample the families' own at random."""
+    then models each group of parameters that occur together (`group=True`, which needs its multivariate model),
+    where otherwise it would model only the knobs every trial shares and sample the families' own at random. One
+    family: TPE models each parameter on its own, as Optuna's default does; its multivariate model found worse
+    fronts on the default study (BENCHMARKS.md, issue 19)."""
     def make(seed: int) -> optuna.samplers.BaseSampler:
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=conditional)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=conditional, group=conditional)
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if name == "gp":
@@ -212,9 +214,9 @@ def baseline_params(cfg: StudyConfig) -> dict[str, dict]:
 # Keys added to the study file since the first studies, with the value that keeps a study made before each its
 # earlier behaviour: channel counts were not rounded; latency was timed in eager PyTorch.
 ADDED_KEYS = {("student", "channel_multiple"): 1, ("latency", "runtime"): "torch"}
-# Defaults changed since, with the earlier default: a study made with it resumes with it while the file leaves the
-# key at today's default.
-CHANGED_DEFAULTS = {("student", "channel_multiple"): 8}
+# Defaults changed since, with the earlier defaults: a study made with one resumes with it while the file leaves
+# the key at today's default.
+CHANGED_DEFAULTS = {("student", "channel_multiple"): (8, 4)}
 
 
 def as_it_was_made(cfg: StudyConfig, stored: dict | None) -> StudyConfig:
@@ -229,8 +231,8 @@ def as_it_was_made(cfg: StudyConfig, stored: dict | None) -> StudyConfig:
     for (section, key), earlier in CHANGED_DEFAULTS.items():
         made = (stored or {}).get(section) or {}
         now = getattr(cfg, section)
-        if made.get(key) == earlier and getattr(now, key) == getattr(getattr(defaults, section), key):
-            cfg = cfg.replace(**{section: dataclasses.replace(now, **{key: earlier})})
+        if made.get(key) in earlier and getattr(now, key) == getattr(getattr(defaults, section), key):
+            cfg = cfg.replace(**{section: dataclasses.replace(now, **{key: made[key]})})
     return cfg
 
 

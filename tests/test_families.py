@@ -116,7 +116,18 @@ def test_a_study_made_before_channel_rounding_resumes_as_it_was_made():
         del stored["student"][k]
     resumed = as_it_was_made(cfg, stored)
     assert resumed.student.channel_multiple == 1 and _older_defaults_filled(stored) == _comparable(resumed)
-    assert as_it_was_made(cfg, _comparable(cfg)).student.channel_multiple == 4  # a study made now keeps 4
+    assert as_it_was_made(cfg, _comparable(cfg)).student.channel_multiple == 1  # a study made now keeps 1
+
+
+def test_a_study_made_when_channels_were_rounded_to_4_resumes_with_4():
+    from kdsearch.study import _comparable, _older_defaults_filled, as_it_was_made
+
+    cfg = StudyConfig()
+    made = _comparable(cfg.replace(student=cfg.student.__class__(channel_multiple=4)))
+    resumed = as_it_was_made(cfg, made)
+    assert resumed.student.channel_multiple == 4 and _older_defaults_filled(made) == _comparable(resumed)
+    assert as_it_was_made(cfg.replace(student=cfg.student.__class__(channel_multiple=2)), made
+                          ).student.channel_multiple == 2  # a file that names the key is taken at its word
 
 
 def test_a_builder_that_does_not_import_stops_the_session_before_the_teacher(workdir, capsys):
