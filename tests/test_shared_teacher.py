@@ -74,6 +74,8 @@ def test_a_cpu_host_joins_a_study_whose_teacher_trained_in_bf16(tmp_path, monkey
         gpu.setattr(kdsearch.teacher, "uses_bf16", lambda device: True)
         assert host(tmp_path, "gpu", monkeypatch) == 0
     key = teacher_line(capsys.readouterr().out).split()[1]
+    # the CPU host computes in fp32 (this machine's own CPU may have native bf16, and would key its teacher bf16 too)
+    monkeypatch.setattr(kdsearch.teacher, "uses_bf16", lambda device: False)
     monkeypatch.setattr(kdsearch.teacher, "train_teacher", lambda *a, **k: pytest.fail("the teacher was trained again"))
     assert host(tmp_path, "cpu", monkeypatch) == 0
     line = teacher_line(capsys.readouterr().out)
