@@ -22,7 +22,8 @@ time from its start until its hypervolume history first reaches the script's fin
 To compare several kdsearch settings against one set of script runs, save the script's runs and read them back:
 
     python benchmarks/bench_vs_glue.py --arms "glue fresh" --save script.json
-    python benchmarks/bench_vs_glue.py --arms "kdsearch fresh" --script-from script.json --set student.channel_multiple=1
+    python benchmarks/bench_vs_glue.py --arms "kdsearch fresh" --script-from script.json \\
+        --set student.channel_multiple=1
 
 (the saved file keeps each seed's script front and every latency figure, so both arms stay on the same figures).
 """
@@ -139,7 +140,8 @@ def timed(command: list[str], folder: Path) -> float:
     return time.perf_counter() - start
 
 
-_LATENCY: dict[tuple, float] = {}  # each architecture timed once, the same way, for both arms
+_LATENCY: dict[str, float] = {}  # each architecture (its channels, as JSON) timed once, the same way, for both arms
+_DATA: dict[str, tuple] = {}  # the study data's input shape and classes, read once
 
 
 def retimed(cfg, width: float, depth: int, multiple: int) -> float:
@@ -148,10 +150,10 @@ def retimed(cfg, width: float, depth: int, multiple: int) -> float:
     from kdsearch.measure import deployable, measure_latency
     from kdsearch.models import channels_of, convnet
 
-    if "data" not in _LATENCY:
+    if not _DATA:
         data = load_dataset(cfg.data, cfg.seed)
-        _LATENCY["data"] = (tuple(data.input_shape), data.num_classes)
-    shape, classes = _LATENCY["data"]
+        _DATA["shape"] = (tuple(data.input_shape), data.num_classes)
+    shape, classes = _DATA["shape"]
     s = cfg.student
     model = convnet(shape, classes, base_width=s.base_width, width=width, depth=depth,
                     convs_per_stage=s.convs_per_stage, channel_multiple=multiple).eval()
@@ -169,14 +171,14 @@ def scores(points: list, teacher: dict) -> dict:
             "hypervolume_2d": hypervolume([(a, p, 0.0) for a, p, _ in points], {**teacher, "latency_ms": 1.0})}
 
 
-def one_seed(args, seed: int, teachers: Path, shared_cache: Path, saved: dict) -> dict:
+def one_seed(args, seed: int, teachers: Path, shared_cache: Path, script_runs: dict) -> dict:
     from kdsearch.scores import hypervolume_history
     from kdsearch.study_file import load_study
 
     sets = [f"seed={seed}", *args.set] + ([f"data.data_dir={args.data_dir!r}"] if args.data_dir else [])
     cfg = load_study(args.study, sets)
     name = cfg.name
-    result, studies = dict(saved.get(str(seed), {})), {}
+    result, studies = dict(script_runs.get(str(seed), {})), {}
     for arm in args.arms:
         folder = Path(tempfile.mkdtemp(prefix="vs-glue-"))
         started = time.time()
@@ -260,17 +262,18 @@ def main() -> None:
     args = parser.parse_args()
     saved = json.loads(Path(args.script_from).read_text()) if args.script_from else {"seeds": {}, "latency": {}}
     _LATENCY.update(saved["latency"])
-    saved = {seed: {arm: r for arm, r in arms.items() if arm.startswith("glue")} for seed, arms in saved["seeds"].items()}
+    script_runs = {seed: {arm: r for arm, r in arms.items() if arm.startswith("glue")}
+                   for seed, arms in saved["seeds"].items()}
     args.study = str(Path(args.study).resolve()) if Path(args.study).exists() else str(ROOT / "studies" /
                                                                                         f"{args.study}.toml")
     args.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
     results = []
     with tempfile.TemporaryDirectory() as teachers, tempfile.TemporaryDirectory() as cache:
         for seed in args.seeds:
-            results.append(one_seed(args, seed, Path(teachers), Path(cache), saved))
+            results.append(one_seed(args, seed, Path(teachers), Path(cache), script_runs))
             if args.save:
                 Path(args.save).write_text(json.dumps({"seeds": dict(zip(map(str, args.seeds), results)),
-                                                       "latency": {k: v for k, v in _LATENCY.items() if k != "data"}}))
+                                                       "latency": _LATENCY}))
             print(f"seed {seed}: " + ", ".join(_line(arm, results[-1][arm]) for arm in arms_of(results[-1])),
                   flush=True)
     if "teacher" not in results[0]:
