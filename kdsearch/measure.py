@@ -153,7 +153,7 @@ def latency_settings(cfg: LatencyConfig) -> dict:
 
 def warm_up(input_shape: tuple[int, ...], cfg: LatencyConfig, model: nn.Module) -> None:
     """Pay the measuring tools' one-off start-up while a session opens rather than inside its first trial: the
-    flop counter imports torch._dynamo on first use (1.4 s here), the first ONNX export imports its exporter (3 s),
+    flop counter imports torch._dynamo on first use (1.0-1.4 s here), the first ONNX export its exporter (0.7 s),
     and a process's first latency run takes 0.3 s longer than the next ones."""
     count_flops(model, input_shape)
     measure_latency(model, input_shape, dataclasses.replace(cfg, min_run_time=0.01))

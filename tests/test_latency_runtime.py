@@ -52,6 +52,27 @@ def test_a_graph_that_does_not_match_is_refused_naming_the_fix(monkeypatch):
         deployed_graph(scale(2.0), (1, 1, 1), "the student")
 
 
+@pytest.mark.parametrize("family, knobs", [
+    ("convnet", {"base_width": 6, "width": 1.0, "depth": 2, "convs_per_stage": 2}),
+    ("separable", {"base_width": 4, "width": 1.0, "depth": 2, "blocks": 2, "expand": 2}),  # residual blocks
+    ("resnet", {"base_width": 4, "width": 1.0, "blocks": 1}),
+])
+def test_each_built_in_family_is_exported_by_tracing_with_a_free_batch_size(family, knobs):
+    """kdsearch's own families take the tracing exporter (TorchScript's; torch.export for anything else): the graph
+    runs any batch size and matches PyTorch, the max-pool's inference shortcut included (batches of 64 and more)."""
+    from kdsearch import onnx_graph
+    from kdsearch.models import StudentSpec, build_student
+
+    student = build_student(StudentSpec(family, (1, 8, 8), 10, knobs)).eval()
+    assert onnx_graph._built_in(onnx_graph.Deployable(student, [0.5], [0.25]))
+    assert not onnx_graph._built_in(scale(1.0))
+    graph = deployed_graph(student, (1, 8, 8), "the student", ([0.5], [0.25]))
+    model = onnx_graph.Deployable(student, [0.5], [0.25]).eval()
+    for batch in (1, 5, 64):
+        x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(batch)) * 255
+        assert mismatch(graph, model, x.contiguous(memory_format=torch.channels_last)) <= 1
+
+
 def test_onnx_runtime_is_the_default_and_says_what_it_timed():
     import onnxruntime
 
