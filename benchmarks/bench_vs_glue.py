@@ -15,9 +15,9 @@ would. Optuna cannot prune a multi-objective study, so the script trains every t
 Four arms per seed, each a fresh process in an empty folder, timed end to end (imports included): the script and
 `kdsearch run-study`, each with its teacher trained afresh and with it cached. Both arms are scored on the same
 latency figures: every architecture either arm trained is timed once here, as kdsearch times its students. Both
-fronts' hypervolumes use the one definition (`kdsearch.scores.hypervolume`) with the kdsearch teacher's parameters
-and latency as reference, and again with latency left out (accuracy against parameters). For kdsearch, the wall
-time from its start until its hypervolume history first reaches the script's final hypervolume.
+fronts' hypervolumes use the one definition (`kdsearch.scores.hypervolume`) with the study teacher's parameters
+and latency (timed here once) as reference, and again with latency left out (accuracy against parameters). For
+kdsearch, the wall time from its start until its hypervolume history first reaches the script's final hypervolume.
 
 To compare several kdsearch settings against one set of script runs, save the script's runs and read them back:
 
@@ -146,18 +146,42 @@ _DATA: dict[str, tuple] = {}  # the study data's input shape and classes, read o
 
 def retimed(cfg, width: float, depth: int, multiple: int) -> float:
     """The latency of a convnet of the study, timed here as kdsearch times its students (its runtime and settings)."""
+    from kdsearch.models import convnet
+
+    shape, classes = _shape(cfg)
+    s = cfg.student
+    return _timed_once(cfg, convnet(shape, classes, base_width=s.base_width, width=width, depth=depth,
+                                    convs_per_stage=s.convs_per_stage, channel_multiple=multiple))
+
+
+def reference(cfg) -> dict:
+    """The hypervolume's reference point: the study's teacher's parameters and latency, timed here once. One point
+    for every arm and run: each kdsearch run times its own teacher, and its figure moved by up to 15% between runs,
+    which moved the script's hypervolume of the same students by up to 0.025."""
+    from kdsearch.measure import count_params
+    from kdsearch.models import Architecture, build_model
+
+    shape, classes = _shape(cfg)
+    t = cfg.teacher
+    teacher = build_model(Architecture(shape[0], classes, t.width, t.depth, t.convs_per_stage), shape[1])
+    return {"params": count_params(teacher), "latency_ms": _timed_once(cfg, teacher)}
+
+
+def _shape(cfg) -> tuple:
     from kdsearch.data import load_dataset
-    from kdsearch.measure import deployable, measure_latency
-    from kdsearch.models import channels_of, convnet
 
     if not _DATA:
         data = load_dataset(cfg.data, cfg.seed)
         _DATA["shape"] = (tuple(data.input_shape), data.num_classes)
-    shape, classes = _DATA["shape"]
-    s = cfg.student
-    model = convnet(shape, classes, base_width=s.base_width, width=width, depth=depth,
-                    convs_per_stage=s.convs_per_stage, channel_multiple=multiple).eval()
-    key = json.dumps(channels_of(model))
+    return _DATA["shape"]
+
+
+def _timed_once(cfg, model) -> float:
+    from kdsearch.measure import deployable, measure_latency
+    from kdsearch.models import channels_of
+
+    shape = _shape(cfg)[0]
+    key = json.dumps(channels_of(model.eval()))
     if key not in _LATENCY:
         _LATENCY[key] = measure_latency(deployable(model, shape, cfg.latency), shape, cfg.latency).median_ms
     return _LATENCY[key]
@@ -179,6 +203,7 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path, script_runs: d
     cfg = load_study(args.study, sets)
     name = cfg.name
     result, studies = dict(script_runs.get(str(seed), {})), {}
+    result["teacher"] = reference(cfg)
     for arm in args.arms:
         folder = Path(tempfile.mkdtemp(prefix="vs-glue-"))
         started = time.time()
@@ -207,11 +232,9 @@ def one_seed(args, seed: int, teachers: Path, shared_cache: Path, script_runs: d
             finished = [t for t in study.trials if t.datetime_complete]
             trials_s = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)
                         ).total_seconds()
-            result["teacher"] = study.user_attrs["teacher"]
         result[arm] = {"seconds": seconds, "points": points, "trials_s": trials_s}
     for arm in arms_of(result):
-        if "teacher" in result:  # the reference point: a script run alone is scored when read back
-            result[arm].update(scores(result[arm]["points"], result["teacher"]))
+        result[arm].update(scores(result[arm]["points"], result["teacher"]))
     for arm, (study, started, multiple) in studies.items():
         script = result.get(arm.replace("kdsearch", "glue"))
         if script is None:
@@ -276,8 +299,6 @@ def main() -> None:
                                                        "latency": _LATENCY}))
             print(f"seed {seed}: " + ", ".join(_line(arm, results[-1][arm]) for arm in arms_of(results[-1])),
                   flush=True)
-    if "teacher" not in results[0]:
-        return
     print(f"{args.n_trials} trials a study, seeds {args.seeds}; mean +/- sd over the seeds:")
     for arm in arms_of(results[0]):
         secs = [r[arm]["seconds"] for r in results]
