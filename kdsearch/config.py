@@ -176,7 +176,7 @@ class SearchConfig:
     mode: str = choice("pareto", MODES)  # pareto: (val_acc, params, latency_ms); budget: val_acc under the limits below
     max_params: int = non_negative(0)  # 0: no limit; a student above it is rejected before training
     max_latency_ms: float = non_negative(0.0)  # 0: no limit
-    pruner: str = choice("auto", PRUNERS)  # auto: dominated in pareto mode, median in budget mode
+    pruner: str = choice("auto", PRUNERS)  # auto: none in pareto mode, median in budget mode
     # dominated pruning: accuracy a trial may trail the dominating one by, per epoch
     prune_margin: float = non_negative(0.05)
     # rungs pruning: rungs at epochs rung_min_epochs * eta**k; the best 1/eta of a rung go on

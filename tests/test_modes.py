@@ -110,10 +110,22 @@ def test_baselines_run_first_and_differ_only_in_alpha(workdir):
         {k: v for k, v in second.params.items() if k != "alpha"}
 
 
+def test_auto_prunes_nothing_in_pareto_mode_and_takes_the_median_pruner_in_budget_mode(workdir):
+    from kdsearch.pruning import NoPruner, OptunaPruner, epoch_pruner
+
+    assert type(epoch_pruner(SearchConfig(), 15)) is NoPruner
+    assert type(epoch_pruner(SearchConfig(mode="budget", max_params=1500), 15)) is OptunaPruner
+    # the study below, where the dominated pruner stops trials (next test), with the default pruner stops none
+    assert main(["run-study", "--n-trials", "6", *FAST, "--set", "student.width=[1.0, 1.0]", "--set",
+                 "student.depth=[2, 2]", "--set", "search.prune_margin=0.0", "--set", "search.sampler=random"]) == 0
+    assert {t.state for t in load(workdir).trials} == {State.COMPLETE}
+
+
 def test_pareto_pruning_stops_trials_a_front_trial_dominates(workdir):
     # one architecture for all: every later trial's cost is dominated by the first complete one's
     args = ["run-study", "--n-trials", "6", *FAST, "--set", "student.width=[1.0, 1.0]", "--set", "student.depth=[2, 2]",
-            "--set", "search.prune_margin=0.0", "--set", "search.sampler=random"]
+            "--set", "search.prune_margin=0.0", "--set", "search.sampler=random",
+            "--set", "search.pruner=dominated"]
     assert main(args) == 0
     study = load(workdir)
     pruned = [t for t in study.trials if t.state == State.PRUNED]
