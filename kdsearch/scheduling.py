@@ -38,16 +38,16 @@ def stop_on_repeated_failure(limit: int = 3):
     return callback
 
 
-def run_trials(session: Session, at_once: int, callbacks: list, failures) -> None:
-    """`search.n_trials` trials, `at_once` at a time (each thread runs its own trials, one after the other), until
+def run_trials(session: Session, at_once: int, callbacks: list, failures, n_trials: int) -> None:
+    """`n_trials` trials, `at_once` at a time (each thread runs its own trials, one after the other), until
     `search.timeout` or `failures` stops them."""
     study, cfg = session.study, session.ctx.cfg
     if at_once == 1:
-        study.optimize(lambda trial: objective(session.ctx, trial), n_trials=cfg.search.n_trials,
+        study.optimize(lambda trial: objective(session.ctx, trial), n_trials=n_trials,
                        timeout=cfg.search.timeout or None, catch=(Exception,), callbacks=callbacks)
         return
     deadline = time.time() + cfg.search.timeout if cfg.search.timeout else math.inf
-    lock, left, interrupted, errors = threading.Lock(), [cfg.search.n_trials], threading.Event(), []
+    lock, left, interrupted, errors = threading.Lock(), [n_trials], threading.Event(), []
 
     def take() -> bool:
         with lock:

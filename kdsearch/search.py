@@ -19,14 +19,16 @@ from kdsearch.execution import parallel_execution, processes_for
 from kdsearch.progress import TrialStatus, print_progress
 from kdsearch.scheduling import long_lived_objects_frozen, run_trials, run_until_complete, stop_on_repeated_failure
 from kdsearch.session import open_session
+from kdsearch.study import waiting_baselines
 
 
 def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
               tracking_uri: str | None = None, device: str | None = None, cache_dir: str | Path = ".kdsearch-cache",
               reports_dir: str | Path = "reports", until_complete: int | None = None,
               report: bool = True, warm_start_from: str | None = None) -> optuna.Study:
-    """Run (or resume) a study: `cfg.search.n_trials` more trials (or, as one of several workers, trials until
-    the study holds `until_complete` complete ones), then write and log the report."""
+    """Run (or resume) a study: `cfg.search.n_trials` more trials, after the baselines a new study enqueued (or, as
+    one of several workers, trials until the study holds `until_complete` complete ones), then write and log the
+    report."""
     from kdsearch.report import report_study  # pandas and plotly: imported once there is a front to draw
 
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
@@ -35,20 +37,21 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     failures = stop_on_repeated_failure()
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     session.ctx.status = TrialStatus()
-    progress = print_progress(until_complete or cfg.search.n_trials, time.time(), bool(until_complete),
-                              session.ctx.status)
+    baselines = 0 if until_complete else waiting_baselines(study)
+    n_trials = cfg.search.n_trials + baselines
+    progress = print_progress(until_complete or n_trials, time.time(), bool(until_complete), session.ctx.status)
     callbacks = [progress, release_memory_after_failure, failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
     print(f"study '{study.study_name}': {finished} trials so far, running "
-          f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'} "
-          f"on {session.device}", flush=True)
+          f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'}"
+          f"{f' after its {baselines} baselines' if baselines else ''} on {session.device}", flush=True)
     try:
-        processes = processes_for(cfg, session.device, 1 if until_complete else cfg.search.n_trials)
+        processes = processes_for(cfg, session.device, 1 if until_complete else n_trials)
         with long_lived_objects_frozen(), parallel_execution(session.ctx, processes) as at_once:
             if until_complete:
                 run_until_complete(session, until_complete, callbacks, failures)
             else:
-                run_trials(session, at_once, callbacks, failures)
+                run_trials(session, at_once, callbacks, failures, n_trials)
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise

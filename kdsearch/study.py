@@ -20,7 +20,7 @@ from kdsearch import KdsearchError, first_line
 from kdsearch.config import StudyConfig, families, kd_methods
 from kdsearch.kd_losses import METHOD_DEFAULTS, METHOD_SPACE
 from kdsearch.pruning import study_pruner
-from kdsearch.storage import open_storage
+from kdsearch.storage import open_storage, worker_identity
 from kdsearch.students import middle_params, params_in_space, translated_params
 
 DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
@@ -169,7 +169,7 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
     student, learning rate and seed distilled by each of the study's KD methods at its paper's values (kd: alpha
     0.5 at T = 4); the report shows each difference. With `search.baseline_repeats` > 1, that many sets, each with
     a seed of its own; with several student families, as many sets for each family."""
-    pair = 0
+    pair, here = 0, worker_identity()["worker"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a value may lie outside the study's range; Optuna warns, then uses it
         for family in families(cfg.student):
@@ -178,8 +178,18 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
                 for kind, params in baseline_params(cfg).items():
                     study.enqueue_trial({**middle_params(cfg, family), **params},
                                         user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed,
-                                                    "baseline_family": family})
+                                                    "baseline_family": family, "enqueued_by": here})
                 pair += 1
+
+
+def waiting_baselines(study: optuna.Study) -> int:
+    """Baselines this process enqueued (it made the study) that have not run yet. They come on top of its
+    `search.n_trials`: they are references for the KD gain, not the sampler's picks (counted in, they took 2 of the
+    default study's 20 trials, one a twin of the other, and its front trailed a plain Optuna script's; BENCHMARKS.md,
+    issue 19). Another host that joins the study, or a session resuming one, runs what is left within its own."""
+    here = worker_identity()["worker"]
+    waiting = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
+    return sum("baseline" in t.user_attrs and t.user_attrs.get("enqueued_by") == here for t in waiting)
 
 
 BASELINE_ALPHAS = {"no-kd": 0.0, "kd": 0.5}

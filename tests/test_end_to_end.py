@@ -27,7 +27,7 @@ def dominated(row, others) -> bool:
 
 @pytest.fixture(scope="module")
 def first_study(tmp_path_factory):
-    with study_in_new_folder(tmp_path_factory, "e2e", ["--n-trials", "3", *FAST]) as folder:
+    with study_in_new_folder(tmp_path_factory, "e2e", ["--n-trials", "1", *FAST]) as folder:
         yield folder
 
 

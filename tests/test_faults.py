@@ -38,7 +38,7 @@ def load(folder):
 
 def test_a_failing_trial_is_recorded_on_both_sides_and_the_study_goes_on(workdir, monkeypatch):
     monkeypatch.setattr(kdsearch.execution, "fit", failing_train({2}, RuntimeError("boom")))
-    assert main(["run-study", "--n-trials", "3", *IN_PROCESS]) == 0
+    assert main(["run-study", "--n-trials", "1", *IN_PROCESS]) == 0  # the two baselines, then one trial
     study = load(workdir)
     assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE]
     assert study.trials[1].user_attrs["fail_reason"] == "RuntimeError: boom"
@@ -77,7 +77,8 @@ def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
 
 
 def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
-    assert main(["run-study", "--n-trials", "1", *FAST, "--set", "distill.lr=[1e6, 1e6]"]) == 0
+    args = ["run-study", "--n-trials", "1", *FAST, "--set", "distill.lr=[1e6, 1e6]", "--set", "search.baselines=false"]
+    assert main(args) == 0
     trial = load(workdir).trials[0]
     assert trial.state == State.FAIL and "training loss became nan" in trial.user_attrs["fail_reason"]
 
@@ -85,22 +86,22 @@ def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
 def test_out_of_memory_fails_only_its_trial(workdir, monkeypatch):
     oom = torch.OutOfMemoryError("CUDA out of memory")
     monkeypatch.setattr(kdsearch.execution, "fit", failing_train({1}, oom))
-    assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
+    assert main(["run-study", "--n-trials", "1", *IN_PROCESS]) == 0  # the two baselines, then one trial
     study = load(workdir)
-    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
+    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE, State.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory"
 
 
 def test_journal_file_storage_runs_and_resumes(workdir, capsys):
     journal = f"journal:{workdir / 'studies.journal'}"
-    assert main(["run-study", "--n-trials", "2", "--storage", journal, *FAST]) == 0
-    capsys.readouterr()
+    assert main(["run-study", "--n-trials", "1", "--storage", journal, *FAST]) == 0  # two baselines on top
+    assert "running 1 more after its 2 baselines" in capsys.readouterr().out
     assert main(["run-study", "--n-trials", "1", "--storage", journal, *FAST]) == 0
-    assert "trial   2 [1/1, 3 in the study]" in capsys.readouterr().out  # this run's count and the study's
+    assert "trial   3 [1/1, 4 in the study]" in capsys.readouterr().out  # this run's count and the study's
     from kdsearch.storage import open_storage
 
     study = optuna.load_study(study_name="digits", storage=open_storage(journal))
-    assert [t.state for t in study.trials] == [State.COMPLETE] * 3
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 4
     assert main(["report", "--storage", journal]) == 0
 
 

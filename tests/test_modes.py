@@ -101,9 +101,10 @@ def test_budget_mode_rejects_big_students_before_training(workdir):
         assert run.info.status == ("FINISHED" if t.state == State.COMPLETE else "KILLED")
 
 
-def test_baselines_run_first_and_differ_only_in_alpha(workdir):
+def test_baselines_run_first_on_top_of_the_trials_asked_for_and_differ_only_in_alpha(workdir):
     assert main(["run-study", "--n-trials", "2", *FAST, "--set", "search.pruner=none"]) == 0
-    first, second = load(workdir).trials
+    first, second, *searched = load(workdir).trials
+    assert len(searched) == 2 and not any("baseline" in t.user_attrs for t in searched)
     assert (first.user_attrs["baseline"], second.user_attrs["baseline"]) == ("no-kd", "kd")
     assert (first.params["alpha"], second.params["alpha"]) == (0.0, 0.5)
     assert {k: v for k, v in first.params.items() if k != "alpha"} == \
@@ -157,7 +158,7 @@ def test_every_sampler_name_gives_optunas_sampler(name, cls):
 def test_gp_sampler_runs_a_pareto_study(workdir):
     args = ["run-study", "--n-trials", "3", *FAST, "--set", "search.sampler='gp'", "--set", "search.pruner='none'"]
     assert main(args) == 0
-    assert [t.state for t in load(workdir).trials] == [State.COMPLETE] * 3
+    assert [t.state for t in load(workdir).trials] == [State.COMPLETE] * 5  # 2 baselines, 3 trials
 
 
 def test_two_hosts_opening_a_new_study_at_once_enqueue_one_baseline_pair(tmp_path, monkeypatch):

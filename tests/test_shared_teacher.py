@@ -162,7 +162,8 @@ def test_two_hosts_on_real_servers_share_one_teacher_and_one_study(tmp_path, ser
 
     study = optuna.load_study(study_name="hosts", storage=open_storage(storage))
     students = [tuple(sorted(t.params.items())) for t in study.trials]
-    assert len(students) == len(set(students)) == 6  # 3 trials a host, none repeated
+    # 3 trials a host, and the baseline pair on top for the host that made the study: none repeated
+    assert len(students) == len(set(students)) == 8
     assert len([t for t in study.trials if "baseline" in t.user_attrs]) == 2  # one baseline pair, enqueued once
     assert len({t.user_attrs["worker"].rsplit(":", 1)[-1] for t in study.trials}) == 2
     client = MlflowClient(tracking)
@@ -170,7 +171,7 @@ def test_two_hosts_on_real_servers_share_one_teacher_and_one_study(tmp_path, ser
     (study_run,) = client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'study'")
     (teacher_run,) = client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'teacher'")
     trial_runs = client.search_runs([exp.experiment_id], "tags.`kdsearch.role` = 'trial'")
-    assert len(trial_runs) == 6 and {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {study_run.info.run_id}
+    assert len(trial_runs) == 8 and {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {study_run.info.run_id}
     assert study.user_attrs["teacher"]["mlflow_run_id"] == teacher_run.info.run_id
     assert {a.path for a in client.list_artifacts(teacher_run.info.run_id, "teacher")} >= {"teacher/teacher.pt"}
     for name in ("a", "b"):

@@ -194,7 +194,7 @@ def test_a_study_runs_from_a_thread_and_with_several_training_threads_asked_for(
     thread.join(timeout=300)
     assert codes == [0]
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
-    assert [t.state for t in study.trials] == [State.COMPLETE] * 2
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 4  # the two baselines, then 2 trials
 
 
 def test_ctrl_c_stops_parallel_trials_as_interrupted_and_the_study_resumes(workdir):
@@ -239,7 +239,8 @@ def test_parallel_trials_each_train_once_and_are_recorded_like_sequential_ones(w
     SQLite two threads could both take one), and every trial has one finished MLflow run with its epochs."""
     from kdsearch.cli import main
 
-    assert main(["run-study", "--n-trials", "4", *fast(distill_epochs=3), "--set", "engine.parallel_trials=2"]) == 0
+    # the two baselines, then two trials
+    assert main(["run-study", "--n-trials", "2", *fast(distill_epochs=3), "--set", "engine.parallel_trials=2"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert sorted(int(line.split()[1]) for line in lines) == [0, 1, 2, 3]
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
@@ -353,12 +354,12 @@ def test_ctrl_c_waits_for_the_trials_to_end_before_the_study_stops(monkeypatch):
 
     monkeypatch.setattr(scheduling, "objective", slow_objective)
     study = optuna.create_study(directions=["maximize"])
-    cfg = SimpleNamespace(search=SimpleNamespace(n_trials=2, timeout=0))
+    cfg = SimpleNamespace(search=SimpleNamespace(timeout=0))
     session = SimpleNamespace(study=study, ctx=SimpleNamespace(cfg=cfg, executor=InProcess()))
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever an earlier test left
     try:
         with pytest.raises(KeyboardInterrupt):
-            scheduling.run_trials(session, 2, [], SimpleNamespace(reason=None))
+            scheduling.run_trials(session, 2, [], SimpleNamespace(reason=None), 2)
     finally:
         signal.signal(signal.SIGINT, handler)
     assert sorted(ended) == [0, 1]

@@ -195,7 +195,7 @@ def test_every_option_reaches_the_workers(tmp_path, monkeypatch):
             assert main(worker.argv[3:]) == 0
             worker_cfg, kw = seen["worker"]
             assert kw["storage"] == parent["storage"] and os.environ["MLFLOW_TRACKING_URI"] == tracking
-        assert kw["until_complete"] == 5 and kw["device"] == "cpu"
+        assert kw["until_complete"] == 7 and kw["device"] == "cpu"  # --n-trials 5 and the baseline pair
         for key in ("study_name", "cache_dir"):
             assert kw[key] == parent[key], key
         assert worker_cfg.engine.threads == 1  # this machine's 2 cores split between 3 workers
