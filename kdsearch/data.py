@@ -165,8 +165,12 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     if spec is None or not spec.submodule_search_locations:
         raise KdsearchError("the digits dataset ships inside scikit-learn, which is not installed: "
                             "pip install scikit-learn")
-    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz",
-                       delimiter=",")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    try:
+        table = np.loadtxt(path, delimiter=",")
+    except (OSError, ValueError) as e:
+        raise KdsearchError(f"the digits dataset could not be read from scikit-learn ({e}): reinstall it with "
+                            "pip install --force-reinstall scikit-learn") from None
     x = torch.from_numpy(table[:, :-1]).view(-1, 1, 8, 8).mul(255 / 16).round().to(torch.uint8)
     return x, torch.from_numpy(table[:, -1]).long()
 

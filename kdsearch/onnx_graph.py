@@ -64,7 +64,8 @@ def _built_in(model: nn.Module) -> bool:
     """Whether the network (inside its `Deployable`) is one of kdsearch's families."""
     from kdsearch.models import ConvNet, ResNet, SeparableNet
 
-    return isinstance(model.model if isinstance(model, Deployable) else model, (ConvNet, ResNet, SeparableNet))
+    network = model.model if isinstance(model, Deployable) else model
+    return type(network) in (ConvNet, ResNet, SeparableNet)  # not a user's subclass, whose forward may branch
 
 
 def _traced_to_onnx(model: nn.Module, example: torch.Tensor) -> bytes:

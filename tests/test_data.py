@@ -32,3 +32,16 @@ def test_digits_load_as_uint8_images_in_three_disjoint_parts():
     assert len(rows) >= 1790
     again = load_dataset(DataConfig(), seed=0)
     assert torch.equal(again.test.x, data.test.x) and torch.equal(again.val.y, data.val.y)
+
+
+def test_digits_read_without_scikit_learn_are_its_own():
+    """The digits are read from scikit-learn's file directly (importing it costs a second); the images (0..16 scaled
+    to 0..255) and labels are exactly load_digits'."""
+    from sklearn.datasets import load_digits
+
+    from kdsearch.data import _digits
+
+    x, y = _digits()
+    bunch = load_digits()
+    assert torch.equal(x, torch.from_numpy(bunch.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1))
+    assert torch.equal(y, torch.from_numpy(bunch.target).long()) and x.shape == (1797, 1, 8, 8)
