@@ -219,6 +219,9 @@ class RefineConfig:
     epochs: int = positive(30)
     augment: str = choice("none", AUGMENTATIONS)
     seeds: int = positive(1)  # trainings per student, each with its own seed; the best by val_acc is kept
+    # students refined per budget, its most accurate by the search's val_acc; the budget's pick is then the one
+    # most accurate by refined val_acc (short trials rank students this small only roughly)
+    top: int = positive(1)
 
 
 @dataclass(frozen=True)

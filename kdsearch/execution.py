@@ -105,19 +105,23 @@ def processes_for(cfg, device: torch.device, n_trials: int) -> int:
 
 
 @contextlib.contextmanager
-def parallel_execution(ctx, size: int):
-    """While open, `ctx.executor` trains the students in `size` processes of one thread each (a forked process that
-    used several OpenMP threads could hang); yields how many trials to run at once. Ctrl-C stops the processes
-    first (the parent's threads then end their trials as interrupted); the parent keeps one thread for its own
-    small work (test passes), leaving the cores to the processes."""
+def parallel_execution(ctx, size: int, work: Workload | None = None):
+    """While open, `ctx.executor` trains the students (on `work`, default the session's) in `size` processes of
+    one thread each (a forked process that used several OpenMP threads could hang); yields how many trials to run
+    at once. Ctrl-C stops the processes first (the parent's threads then end their trials as interrupted); the
+    parent keeps one thread for its own small work (test passes), leaving the cores to the processes."""
     from kdsearch.trainer_pool import TrainerPool
 
-    if size <= 1 or isinstance(ctx.data.train, StreamingSplit):  # streamed images: DataLoader workers use the cores
-        yield 1
-        return
     parent_threads, in_process = torch.get_num_threads(), ctx.executor
+    if size <= 1 or isinstance(ctx.data.train, StreamingSplit):  # streamed images: DataLoader workers use the cores
+        ctx.executor = InProcess(work) if work else in_process
+        try:
+            yield 1
+        finally:
+            ctx.executor = in_process
+        return
     torch.set_num_threads(1)
-    pool = ctx.executor = TrainerPool(in_process.work, size)
+    pool = ctx.executor = TrainerPool(work or in_process.work, size)
     handled = (threading.current_thread() is threading.main_thread()
                and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # not in a background job
 

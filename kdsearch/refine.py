@@ -12,6 +12,7 @@ settings is skipped. The report, `pareto.csv`, the card and `export` read the re
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 
@@ -19,7 +20,7 @@ from kdsearch import tracking
 from kdsearch.config import RefineConfig
 from kdsearch.distill import correct
 from kdsearch.engine import PhaseTimer, prepare_model
-from kdsearch.execution import InProcess, Workload
+from kdsearch.execution import Workload, parallel_execution, processes_for
 from kdsearch.students import sample_student, student_spec, train_settings
 from kdsearch.study import trial_seed
 from kdsearch.timing_lock import training_epoch
@@ -36,8 +37,8 @@ def refined(study: optuna.Study, number: int) -> dict | None:
 
 
 def picked(study: optuna.Study, r: RefineConfig) -> list[tuple[str, optuna.trial.FrozenTrial]]:
-    """(budget, trial) for each budget's most accurate student (fewer parameters break ties), or for each student
-    of the front where the study file names no budget. A budget no student meets is reported and skipped."""
+    """(budget, trial) for each budget's `r.top` most accurate students (fewer parameters break ties), or for each
+    student of the front where the study file names no budget. A budget no student meets is reported and skipped."""
     complete = study.get_trials(deepcopy=False, states=[COMPLETE])
     budgets = [(f"params <= {b:,}", "params", b) for b in r.max_params]
     budgets += [(f"latency <= {b:g} ms", "latency_ms", b) for b in r.max_latency_ms]
@@ -51,23 +52,43 @@ def picked(study: optuna.Study, r: RefineConfig) -> list[tuple[str, optuna.trial
         fits = [t for t in complete if t.user_attrs[key] <= bound]
         if not fits:
             print(f"refine {label}: no complete student fits it; run more trials or loosen the bound", flush=True)
-            continue
-        out.append((label, max(fits, key=lambda t: (t.values[0], -t.user_attrs["params"]))))
+        fits.sort(key=lambda t: (t.values[0], -t.user_attrs["params"]), reverse=True)
+        out += [(label, t) for t in fits[:r.top]]
     return out
 
 
 def refine_study(ctx: StudyContext, study: optuna.Study) -> None:
-    """Refine the students `picked` by the study file, each once however many budgets picked it."""
-    r = ctx.cfg.refine
-    done: set[int] = set()
-    for label, trial in picked(study, r):
-        if trial.number not in done:
-            done.add(trial.number)
-            try:
-                refine_trial(ctx, study, trial, label)
-            except Exception as e:  # e.g. a loss that diverged with the longer schedule: the others still refine
-                print(f"refining trial {trial.number} failed ({unexpected(e)}); its search result stands",
-                      flush=True)
+    """Refine the students `picked` by the study file, each once however many budgets picked it, several at once
+    in the session's training processes where there are cores for them; then name each budget's pick."""
+    r, device = ctx.cfg.refine, ctx.data.train.y.device
+    chosen = picked(study, r)
+    todo = list({t.number: (label, t) for label, t in reversed(chosen)}.values())[::-1]
+    work = Workload(ctx.data.train, ctx.data.val, ctx.normalize, ctx.teacher.targets(r.augment),
+                    ctx.cfg.engine.compile)
+    with parallel_execution(ctx, processes_for(ctx.cfg, device, len(todo)), work) as at_once, \
+            ThreadPoolExecutor(at_once) as threads:
+        futures = [threads.submit(_refine_or_report, ctx, study, t, label) for label, t in todo]
+        for future in futures:
+            future.result()
+    if r.top > 1:
+        _print_picks(study, chosen)
+
+
+def _refine_or_report(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str) -> None:
+    try:
+        refine_trial(ctx, study, trial, label)
+    except Exception as e:  # e.g. a loss that diverged with the longer schedule: the others still refine
+        print(f"refining trial {trial.number} failed ({unexpected(e)}); its search result stands", flush=True)
+
+
+def _print_picks(study: optuna.Study, chosen: list[tuple[str, optuna.trial.FrozenTrial]]) -> None:
+    """Each budget's student, most accurate by refined val_acc among those refined (test_acc only reported)."""
+    for label in dict.fromkeys(label for label, _ in chosen):
+        done = [(refined(study, t.number), t) for lab, t in chosen if lab == label and refined(study, t.number)]
+        if done:
+            best, t = max(done, key=lambda bt: (bt[0]["val_acc"], -bt[1].user_attrs["params"]))
+            print(f"{label}: trial {t.number} ({t.user_attrs['params']:,} params), picked by refined val_acc "
+                  f"{best['val_acc']:.4f} among {len(done)}; test_acc {best['test_acc']:.4f}", flush=True)
 
 
 def refine_trial(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.FrozenTrial, label: str) -> dict:
@@ -107,9 +128,15 @@ def _train_once(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.Froz
                                        k, params)
     buffer = tracking.MetricBuffer(ctx.client, run_id)
     try:
-        work = Workload(data.train, data.val, ctx.normalize, ctx.teacher.targets(r.augment), cfg.engine.compile)
-        val_acc = InProcess(work).train(model, settings, lambda epoch, loss, acc: buffer.add(
-            {"train_loss": loss, "val_acc": acc}, step=epoch), PhaseTimer(data.train.y.device))
+        every = max(1, r.epochs // 10)  # a long schedule says where it is about ten times
+
+        def on_epoch(epoch: int, loss: float, acc: float) -> None:
+            buffer.add({"train_loss": loss, "val_acc": acc}, step=epoch)
+            if epoch % every == 0 and epoch < r.epochs:
+                print(f"refining trial {trial.number} seed {k}: epoch {epoch}/{r.epochs} val_acc {acc:.4f}",
+                      flush=True)
+
+        val_acc = ctx.executor.train(model, settings, on_epoch, PhaseTimer(data.train.y.device))
         with training_epoch():  # compute like an epoch's: never beside a latency timing
             test_acc = correct(model, data.test, ctx.normalize).float().mean().item()
         buffer.flush()

@@ -9,7 +9,7 @@ import pytest
 from helpers import export_matches_student, fast
 from mlflow import MlflowClient
 
-from kdsearch import execution
+from kdsearch import execution, trainer_pool
 from kdsearch.cli import main
 from kdsearch.config import RefineConfig
 from kdsearch.refine import picked
@@ -25,6 +25,34 @@ def test_each_budget_picks_its_most_accurate_student_by_validation_not_test():
     chosen = picked(study, RefineConfig(max_params=(2_000, 10_000, 500)))
     assert [(label, t.number) for label, t in chosen] == [("params <= 2,000", 1), ("params <= 10,000", 2)]
     assert [t.number for _, t in picked(study, RefineConfig())] == [0, 1, 2]  # no budget: the whole front
+    two = picked(study, RefineConfig(max_params=(2_000,), top=2))
+    assert [(label, t.number) for label, t in two] == [("params <= 2,000", 1), ("params <= 2,000", 0)]
+
+
+def test_refining_the_top_two_trains_both_at_once_and_picks_by_refined_validation(searched, workdir, capsys,
+                                                                                   monkeypatch):
+    pooled, real = [], trainer_pool.TrainerPool.train
+    monkeypatch.setattr(trainer_pool.TrainerPool, "train", lambda self, *a: pooled.append(self.size) or real(self, *a))
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    by_val = sorted(study.get_trials(states=[COMPLETE]), key=lambda t: t.values[0], reverse=True)[:2]
+    capsys.readouterr()
+    args = ["refine", *fast(), "--set", "refine.max_params=[1000000]", "--set", "refine.top=2",
+            "--set", "refine.epochs=10"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    records = {t.number: study.user_attrs[f"refined:{t.number}"]["best"] for t in by_val}
+    assert len(records) == 2 and pooled == [2, 2]  # the two students, each in one of two processes
+    assert "refining trial" in out and "epoch 1/10" in out  # a long schedule shows where it is
+    best = max(by_val, key=lambda t: (records[t.number]["val_acc"], -t.user_attrs["params"]))
+    assert (f"params <= 1,000,000: trial {best.number} ({best.user_attrs['params']:,} params), picked by refined "
+            f"val_acc {records[best.number]['val_acc']:.4f} among 2; test_acc "
+            f"{records[best.number]['test_acc']:.4f}") in out
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id],
+                              "tags.`kdsearch.role` = 'refine'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert {r.info.run_id for r in runs} == {rec["run_id"] for rec in records.values()}
 
 
 def refine_args(*extra: str) -> list[str]:
