@@ -42,9 +42,10 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     progress = print_progress(until_complete or n_trials, time.time(), bool(until_complete), session.ctx.status)
     callbacks = [progress, release_memory_after_failure, failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
+    after = f" after its {baselines} baseline{'s' if baselines > 1 else ''}" if baselines else ""
     print(f"study '{study.study_name}': {finished} trials so far, running "
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'}"
-          f"{f' after its {baselines} baselines' if baselines else ''} on {session.device}", flush=True)
+          f"{after} on {session.device}", flush=True)
     try:
         processes = processes_for(cfg, session.device, 1 if until_complete else n_trials)
         with long_lived_objects_frozen(), parallel_execution(session.ctx, processes) as at_once:

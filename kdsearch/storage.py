@@ -25,7 +25,8 @@ from kdsearch import KdsearchError, first_line, tracking
 from kdsearch.credentials import masked
 
 JOURNAL = "journal:"
-RETRY_KEEPS = ("baseline", "baseline_pair", "seed", "warm_start")  # user attributes a re-queued trial inherits
+# user attributes a re-queued trial inherits
+RETRY_KEEPS = ("baseline", "baseline_pair", "baseline_family", "seed", "warm_start")
 
 
 def is_sqlite(url: str) -> bool:

@@ -20,7 +20,7 @@ from kdsearch import KdsearchError, first_line
 from kdsearch.config import StudyConfig, families, kd_methods
 from kdsearch.kd_losses import METHOD_DEFAULTS, METHOD_SPACE
 from kdsearch.pruning import study_pruner
-from kdsearch.storage import open_storage, worker_identity
+from kdsearch.storage import RETRY_KEEPS, open_storage, worker_identity
 from kdsearch.students import middle_params, params_in_space, translated_params
 
 DIRECTIONS = {"pareto": ["maximize", "minimize", "minimize"], "budget": ["maximize"]}
@@ -134,6 +134,8 @@ def open_study(cfg: StudyConfig, study_name: str, storage: str | optuna.storages
             print(f"--warm-start-from {warm_start_from}: study '{study_name}' already exists; nothing enqueued")
     if cfg.search.baselines and new:
         enqueue_baselines(study, cfg)
+    elif cfg.search.baselines:
+        requeue_interrupted_baselines(study)
     return study
 
 
@@ -180,6 +182,29 @@ def enqueue_baselines(study: optuna.Study, cfg: StudyConfig) -> None:
                                         user_attrs={"baseline": kind, "baseline_pair": pair, "seed": seed,
                                                     "baseline_family": family, "enqueued_by": here})
                 pair += 1
+
+
+def requeue_interrupted_baselines(study: optuna.Study) -> None:
+    """A resumed study queues again, on top of this session's trials, each baseline a Ctrl-C stopped (FAIL without
+    a reason) that no other trial has replaced: without it the KD gain would lack its pair for good. A baseline
+    that failed for a reason (an error, a dead worker, which is retried by itself) is not queued again."""
+    def key(a: dict) -> tuple:
+        return a["baseline"], a.get("baseline_pair"), a.get("baseline_family", "convnet")
+
+    trials = [t for t in study.get_trials(deepcopy=False) if "baseline" in t.user_attrs]
+    covered = {key(t.user_attrs) for t in trials
+               if t.state != optuna.trial.TrialState.FAIL or t.user_attrs.get("fail_reason")}
+    here = worker_identity()["worker"]
+    for t in trials:
+        if key(t.user_attrs) not in covered:
+            covered.add(key(t.user_attrs))
+            kept = {k: v for k, v in t.user_attrs.items() if k in RETRY_KEEPS}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a value may lie outside the study's range, as when first queued
+                # as first queued: an interrupt may have come before the trial asked for all of them
+                study.enqueue_trial(t.system_attrs.get("fixed_params", t.params),
+                                    user_attrs={**kept, "enqueued_by": here})
+            print(f"baseline trial {t.number} ({t.user_attrs['baseline']}) was interrupted: queued again", flush=True)
 
 
 def waiting_baselines(study: optuna.Study) -> int:

@@ -1,5 +1,7 @@
 """A failed or interrupted trial leaves the study and the MLflow runs consistent and resumable."""
 
+import json
+
 import optuna
 import torch
 from helpers import fast
@@ -70,10 +72,18 @@ def test_ctrl_c_keeps_finished_trials_and_resumes(workdir, monkeypatch, capsys):
 
     monkeypatch.setattr(kdsearch.execution, "fit", real_train)
     assert main(["run-study", "--n-trials", "2", *IN_PROCESS]) == 0
+    out = capsys.readouterr().out
+    assert "baseline trial 1 (kd) was interrupted: queued again" in out and "running 2 more after its 1 baseline" in out
     study = load(workdir)
-    assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL, State.COMPLETE, State.COMPLETE]
+    assert [t.state for t in study.trials] == [State.COMPLETE, State.FAIL] + [State.COMPLETE] * 3
+    again = study.trials[2]  # the interrupted baseline, as it was queued: the KD gain has its pair
+    assert again.params == study.trials[1].params and again.user_attrs["baseline"] == "kd"
+    assert again.user_attrs["seed"] == study.trials[0].user_attrs["seed"]
+    assert json.loads((workdir / "reports" / "digits" / "kd_gain.json").read_text())
     assert client.get_run(study_run_id).info.status == "FINISHED"
-    assert len(trial_runs(workdir)) == 4
+    assert len(trial_runs(workdir)) == 5
+    assert main(["run-study", "--n-trials", "1", *IN_PROCESS]) == 0  # replaced once: not queued again
+    assert "queued again" not in capsys.readouterr().out and len(load(workdir).trials) == 6
 
 
 def test_a_diverging_loss_stops_the_trial_with_the_reason(workdir):
@@ -144,7 +154,8 @@ def test_a_process_killed_on_sqlite_leaves_nothing_running_once_resumed(workdir)
         retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == lost.number]
         assert [t.state for t in retry] == [State.COMPLETE] and retry[0].params == lost.params
         assert "fail_reason" not in retry[0].user_attrs
-        assert retry[0].user_attrs.get("baseline") == lost.user_attrs.get("baseline")
+        kept = ("baseline", "baseline_family")  # a retried baseline counts in its own family's KD gain
+        assert [retry[0].user_attrs.get(k) for k in kept] == [lost.user_attrs.get(k) for k in kept]
     assert not study.get_trials(states=[State.RUNNING])
 
 
