@@ -12,6 +12,7 @@ settings is skipped. The report, `pareto.csv`, the card and `export` read the re
 from __future__ import annotations
 
 import dataclasses
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -21,6 +22,7 @@ from kdsearch.config import RefineConfig
 from kdsearch.distill import correct
 from kdsearch.engine import PhaseTimer, prepare_model
 from kdsearch.execution import Workload, parallel_execution, processes_for
+from kdsearch.storage import local_process_ended, worker_identity
 from kdsearch.students import sample_student, student_spec, train_settings
 from kdsearch.study import trial_seed
 from kdsearch.timing_lock import training_epoch
@@ -28,6 +30,7 @@ from kdsearch.trial import StudyContext, log_weights, seeded_student, unexpected
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 SEED_OFFSET = 1_000_003  # refine seeds differ from every trial's own
+WORKER, WORKER_PROCESS = "kdsearch.worker", "kdsearch.worker_process"  # tags of a refine run: its process
 
 
 def refined(study: optuna.Study, number: int) -> dict | None:
@@ -57,10 +60,28 @@ def picked(study: optuna.Study, r: RefineConfig) -> list[tuple[str, optuna.trial
     return out
 
 
+def _close_dead_runs(client, exp_id: str) -> int:
+    """Close as KILLED the experiment's refine runs still RUNNING whose process on this host has ended (killed, a
+    power cut): their seeds were never recorded and train again; return how many."""
+    runs = client.search_runs([exp_id], f"tags.`{tracking.ROLE}` = 'refine' and attributes.status = 'RUNNING'")
+    closed = 0
+    for run in runs:
+        tags = run.data.tags
+        if local_process_ended(tags.get(WORKER, ""), json.loads(tags.get(WORKER_PROCESS, "{}"))):
+            client.set_tag(run.info.run_id, "kdsearch.reason", f"its process {tags[WORKER]} ended")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+    return closed
+
+
 def refine_study(ctx: StudyContext, study: optuna.Study) -> None:
     """Refine the students `picked` by the study file, each once however many budgets picked it, several at once
     in the session's training processes where there are cores for them; then name each budget's pick."""
     r, device = ctx.cfg.refine, ctx.data.train.y.device
+    closed = _close_dead_runs(ctx.client, ctx.experiment_id)
+    if closed:
+        print(f"{closed} refine run{'s' if closed > 1 else ''} left RUNNING by a process that ended: closed as KILLED",
+              flush=True)
     chosen = picked(study, r)
     todo = list({t.number: (label, t) for label, t in reversed(chosen)}.values())[::-1]
     work = Workload(ctx.data.train, ctx.data.val, ctx.normalize, ctx.teacher.targets(r.augment),
@@ -124,8 +145,10 @@ def _train_once(ctx: StudyContext, study: optuna.Study, trial: optuna.trial.Froz
     settings = dataclasses.replace(train_settings(cfg, family, hp, seed), epochs=r.epochs, augment=r.augment)
     params = {**trial.params, "family": family, "refine_seed": k, "seed": seed, "epochs": r.epochs,
               "augment": r.augment}
+    me = worker_identity()
+    tags = {WORKER: me["worker"], WORKER_PROCESS: json.dumps(me["worker_process"])}
     run_id = tracking.start_refine_run(ctx.client, ctx.experiment_id, ctx.study_run_id, study.study_name, trial,
-                                       k, params)
+                                       k, params, tags)
     buffer = tracking.MetricBuffer(ctx.client, run_id)
     try:
         every = max(1, r.epochs // 10)  # a long schedule says where it is about ten times

@@ -130,19 +130,25 @@ def _alive(pid: int, start: str) -> bool:
     return True
 
 
+def local_process_ended(worker: str, process: dict) -> bool:
+    """Whether `worker` (host:pid, as `worker_identity` names it) was a process on this host that has ended. A
+    process of another machine or container is never judged here: heartbeats, not pids, tell about it."""
+    where, _, pid = worker.rpartition(":")
+    if where != socket.gethostname() or not pid.isdigit() or process.get("space", _pid_space()) != _pid_space():
+        return False
+    return not _alive(int(pid), process.get("start", ""))
+
+
 def fail_dead_local_trials(study: optuna.Study, client: MlflowClient) -> list[int]:
     """Fail the RUNNING trials whose worker was a process on this host that has ended (killed, crashed, a power
     cut), close their MLflow runs and queue them again; return their numbers."""
-    host, space, failed = socket.gethostname(), _pid_space(), []
+    failed = []
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
-        where, _, pid = t.user_attrs.get("worker", "").rpartition(":")
-        process = t.user_attrs.get("worker_process", {})
-        if where != host or not pid.isdigit() or process.get("space", space) != space:
-            continue  # another machine's (or container's) process: heartbeats, not pids, tell about it
-        if _alive(int(pid), process.get("start", "")):
+        worker = t.user_attrs.get("worker", "")
+        if not local_process_ended(worker, t.user_attrs.get("worker_process", {})):
             continue
         storage = study._storage  # Optuna's own fail_stale_trials does the same through the storage
-        reason = f"worker {where}:{pid} died"
+        reason = f"worker {worker} died"
         try:
             storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)

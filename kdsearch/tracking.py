@@ -171,11 +171,13 @@ def start_trial_run(client: MlflowClient, exp_id: str, study_run_id: str, study_
 
 
 def start_refine_run(client: MlflowClient, exp_id: str, study_run_id: str, study_name: str, trial, seed_number: int,
-                     params: dict) -> str:
-    """A refine training of `trial`'s student (see `refine.py`), nested under the study's run beside the trials."""
+                     params: dict, worker_tags: dict) -> str:
+    """A refine training of `trial`'s student (see `refine.py`), nested under the study's run beside the trials;
+    `worker_tags` name the process that trains it."""
     run = client.create_run(exp_id, run_name=f"refine trial {trial.number} seed {seed_number}", tags={
         "mlflow.parentRunId": study_run_id, ROLE: "refine", "optuna.study_name": study_name,
-        "optuna.trial_number": str(trial.number), "kdsearch.refined_from": trial.user_attrs.get("mlflow_run_id", "")})
+        "optuna.trial_number": str(trial.number), "kdsearch.refined_from": trial.user_attrs.get("mlflow_run_id", ""),
+        **worker_tags})
     log_values(client, run.info.run_id, params=params)
     return run.info.run_id
 

@@ -2,6 +2,8 @@
 recorded as nested MLflow runs, resumable, and used by the report and the export."""
 
 import json
+import subprocess
+import sys
 
 import optuna
 import pandas as pd
@@ -9,10 +11,11 @@ import pytest
 from helpers import export_matches_student, fast
 from mlflow import MlflowClient
 
-from kdsearch import execution, trainer_pool
+from kdsearch import execution, refine, tracking, trainer_pool
 from kdsearch.cli import main
 from kdsearch.config import RefineConfig
 from kdsearch.refine import picked
+from kdsearch.storage import worker_identity
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -121,6 +124,26 @@ def test_an_interrupted_refine_resumes_with_the_seeds_still_to_train(searched, w
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
     assert len(study.user_attrs[attr]["seeds"]) == 2
     assert client.get_run(study.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_a_refine_run_whose_process_was_killed_is_closed_by_the_next_refine(searched, workdir, capsys):
+    dead = json.loads(subprocess.run([sys.executable, "-c", "import json; from kdsearch.storage import "
+                                      "worker_identity; print(json.dumps(worker_identity()))"],
+                                     capture_output=True, text=True, check=True).stdout)  # a process that ended
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp_id = client.get_experiment_by_name("digits").experiment_id
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{workdir}/optuna.db")
+    ids = {}
+    for name, who in (("dead", dead), ("alive", worker_identity())):
+        tags = {refine.WORKER: who["worker"], refine.WORKER_PROCESS: json.dumps(who["worker_process"])}
+        ids[name] = tracking.start_refine_run(client, exp_id, study.user_attrs["mlflow_run_id"], "digits",
+                                              study.trials[0], 0, {}, tags)
+    capsys.readouterr()
+    assert main(refine_args("--set", "refine.seeds=1", "--set", "refine.epochs=1")) == 0
+    assert "1 refine run left RUNNING by a process that ended: closed as KILLED" in capsys.readouterr().out
+    run = client.get_run(ids["dead"])
+    assert run.info.status == "KILLED" and run.data.tags["kdsearch.reason"] == f"its process {dead['worker']} ended"
+    assert client.get_run(ids["alive"]).info.status == "RUNNING"  # a live process's run is its own
 
 
 def test_run_study_refines_after_its_search_when_asked(workdir, capsys):
