@@ -320,7 +320,15 @@ def main() -> None:
             ratio = statistics.mean(g["seconds"] / k["seconds"] for g, k in pairs)
             per_trial = statistics.mean(g["trials_s"] / k["trials_s"] for g, k in pairs)
             print(f"teacher {kind}: kdsearch {ratio:.2f}x faster end to end than the script, {per_trial:.2f}x per "
-                  "trial")
+                  "trial; gaps kdsearch - script, paired by seed: "
+                  + ", ".join(f"{name} {paired_gap([k[key] - g[key] for g, k in pairs])}"
+                              for name, key in (("hv", "hypervolume"), ("2-D", "hypervolume_2d"))))
+
+
+def paired_gap(gaps: list[float]) -> str:
+    """Mean of per-seed differences +/- one standard error over the seeds."""
+    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else 0.0
+    return f"{statistics.mean(gaps):+.4f} +/- {se:.4f}"
 
 
 if __name__ == "__main__":
