@@ -308,7 +308,7 @@ def main() -> None:
     print(f"{args.n_trials} trials a study, seeds {args.seeds}; mean +/- sd over the seeds:")
     for arm in arms_of(results[0]):
         secs = [r[arm]["seconds"] for r in results]
-        per_trial = statistics.mean(r[arm]["trials_s"] for r in results) / args.n_trials
+        per_trial = statistics.mean(r[arm]["trials_s"] / len(r[arm]["points"]) for r in results)  # baselines too
         print(f"  {arm:>15}: {spread(secs)} s end to end, {per_trial:.2f} s a trial (first trial's start to last "
               f"one's end, over the trials); hypervolume {spread([r[arm]['hypervolume'] for r in results])}, "
               f"2-D (accuracy against parameters) {spread([r[arm]['hypervolume_2d'] for r in results])}")
@@ -324,7 +324,8 @@ def main() -> None:
         if f"glue {kind}" in results[0] and f"kdsearch {kind}" in results[0]:
             pairs = [(r[f"glue {kind}"], r[f"kdsearch {kind}"]) for r in results]
             ratio = statistics.mean(g["seconds"] / k["seconds"] for g, k in pairs)
-            per_trial = statistics.mean(g["trials_s"] / k["trials_s"] for g, k in pairs)
+            per_trial = statistics.mean(g["trials_s"] / len(g["points"]) / (k["trials_s"] / len(k["points"]))
+                                        for g, k in pairs)
             print(f"teacher {kind}: kdsearch {ratio:.2f}x faster end to end than the script, {per_trial:.2f}x per "
                   "trial; gaps kdsearch - script, paired by seed: "
                   + ", ".join(f"{name} {paired_gap([k[key] - g[key] for g, k in pairs])}"
