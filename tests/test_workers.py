@@ -55,13 +55,17 @@ def kill_a_worker_mid_trial(study_name: str, url: str, parent_pid: int, timeout:
             except KeyError:
                 time.sleep(0.5)
                 continue
+            candidates = []
             for t in study.get_trials(deepcopy=False, states=[State.RUNNING]):
                 pid = int(t.user_attrs.get("worker", ":0").split(":")[-1])
                 started = t.datetime_start.timestamp() if t.datetime_start else time.time()
                 training = "mlflow_run_id" in t.user_attrs
                 if pid and pid != parent_pid and training and time.time() - started > 0.5 and t.number > 0:
-                    os.kill(pid, signal.SIGKILL)
-                    return t.number
+                    candidates.append((time.time() - started, pid, t.number))
+            if candidates:  # the freshest: a trial near its end could complete before the signal lands
+                _, pid, number = min(candidates)
+                os.kill(pid, signal.SIGKILL)
+                return number
             time.sleep(0.2)
     finally:
         if hasattr(storage, "engine"):
