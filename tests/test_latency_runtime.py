@@ -147,10 +147,13 @@ def own_timing_ms(path, input_shape: tuple[int, ...]) -> float:
     return statistics.median(blocks)
 
 
+BAND = 1.5  # see the test below
+
+
 def quiet_timing_ms(path, input_shape: tuple[int, ...], trial) -> float:
     """The own timing nearest the trial's figure, of up to six taken a second apart, stopping at the first within
-    25% of it. This host's speed drifts for seconds at a time (one graph read 0.047 ms and 0.080 ms in successive
-    timings, no other work running), so one timing can fall in a slow spell that the trial's missed."""
+    the band of it. This host's speed drifts for seconds at a time (one graph read 0.047 ms and 0.080 ms in
+    successive timings, no other work running), so one timing can fall in a slow spell that the trial's missed."""
     import subprocess
     import sys
 
@@ -160,10 +163,27 @@ def quiet_timing_ms(path, input_shape: tuple[int, ...], trial) -> float:
     for _ in range(6):  # in a process of its own: torch's threads in this one may still spin after the export
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         timings.append(float(done.stdout.strip().splitlines()[-1]))
-        if 0.75 <= trial.user_attrs["latency_ms"] / timings[-1] <= 1.25:
+        if 1 / BAND <= trial.user_attrs["latency_ms"] / timings[-1] <= BAND:
             break
         time.sleep(1)
     return min(timings, key=lambda ms: abs(math.log(trial.user_attrs["latency_ms"] / ms)))
+
+
+def graph_layers(graph) -> list[tuple]:
+    """An ONNX graph's operators in order, each with its initializers' shapes: what timing it costs, not its
+    weights. Identity nodes are read through: the exporter's optimiser shares an untrained model's equal tensors
+    (BatchNorm's ones and zeros) between layers through them, and ONNX Runtime removes them."""
+    import onnx
+
+    model = onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(str(graph))
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    layers = []
+    for n in model.graph.node:
+        if n.op_type == "Identity":
+            shapes[n.output[0]] = shapes.get(n.input[0])
+        else:
+            layers.append((n.op_type, tuple(shapes.get(i) for i in n.input)))
+    return layers
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +194,23 @@ def families_study(tmp_path_factory):
         yield folder
 
 
-def test_each_family_exported_and_timed_independently_matches_its_trial_within_25_percent(families_study):
-    """The study's latency is what the deployed student.onnx costs: timed here on its own, the exported file of
-    one student per family reads within 25% of the trial's figure."""
+def test_each_family_exported_and_timed_independently_matches_its_trial(families_study):
+    """The study's latency is what the deployed student.onnx costs. Exactly: the graph a trial's architecture is
+    timed as has the exported file's operators and tensor shapes. As timed: here on its own, the exported file of
+    one student per family reads within 1.5x of the trial's figure. Not tighter: this host's speed drifts by
+    about a third between runs of the study (three runs: a convnet's trial 0.0093-0.0134 ms, its own timings
+    0.0109-0.0155 ms), and a CI run read a resnet's trial at 1.41x every own timing taken after it. Eager
+    PyTorch, which the band is there to tell apart, costs 6x (convnet), 15x (resnet) and 38x (separable) the
+    ONNX graph of these students."""
+    from kdsearch.models import StudentSpec, build_student
+
     study = optuna.load_study(study_name="digits-families", storage=f"sqlite:///{families_study}/optuna.db")
     assert study.user_attrs["latency"]["runtime"] == "onnxruntime"
     per_family = {}
     for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
         per_family.setdefault(t.user_attrs["family"], t)
     assert sorted(per_family) == ["convnet", "resnet", "separable"]
+    data = study.user_attrs["data"]
     for family, trial in per_family.items():
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(families_study)
@@ -190,10 +218,13 @@ def test_each_family_exported_and_timed_independently_matches_its_trial_within_2
         out = families_study / "exports" / "digits-families" / f"trial-{trial.number}"
         card = json.loads((out / "card.json").read_text())
         assert card["latency"]["runtime"] == "onnxruntime" and card["latency"]["threads"] == 1
+        untrained = build_student(StudentSpec.from_dict(card["architecture"]))
+        timed = deployed_graph(untrained, (1, 8, 8), "the student", (data["mean"], data["std"]))
+        assert graph_layers(timed) == graph_layers(out / "student.onnx"), family
         ratio = trial.user_attrs["latency_ms"] / quiet_timing_ms(out / "student.onnx", (1, 8, 8), trial)
         ours = trial.user_attrs["latency_ms"] / ratio
         print(f"{family}: trial {trial.user_attrs['latency_ms']:.4f} ms, own timing {ours:.4f} ms ({ratio:.2f}x)")
-        assert 0.75 <= ratio <= 1.25, f"{family}: the trial's latency is {ratio:.2f}x the exported graph's"
+        assert 1 / BAND <= ratio <= BAND, f"{family}: the trial's latency is {ratio:.2f}x the exported graph's"
 
 
 def test_the_runtime_is_named_on_every_record_of_a_figure(families_study):
