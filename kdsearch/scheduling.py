@@ -146,8 +146,24 @@ def run_until_complete(session: Session, target: int, callbacks: list, failures,
         if complete + len(live_trials(trials, cfg.search.grace_period)) >= target and not waiting:
             time.sleep(poll_s)
             continue
-        study.optimize(lambda trial: objective(session.ctx, trial), n_trials=1, catch=(Exception,),
+        study.optimize(lambda trial: surplus_checked(session.ctx, trial, target), n_trials=1, catch=(Exception,),
                        callbacks=callbacks)
+
+
+def surplus_checked(ctx, trial: optuna.Trial, target: int):
+    """`objective`, unless the trials numbered below this one already make the target (complete, or running and
+    worth waiting for): two workers that saw the study one short at the same moment both asked for a trial, and
+    the later one is pruned before it samples anything (and has no MLflow run). An enqueued trial (a baseline, a
+    warm start) always runs."""
+    trials = trial.study.get_trials(deepcopy=False)
+    if not any(t.number == trial.number and "fixed_params" in t.system_attrs for t in trials):
+        below = [t for t in trials if t.number < trial.number]
+        ahead = sum(t.state == COMPLETE for t in below) + len(live_trials(below, ctx.cfg.search.grace_period))
+        if ahead >= target:
+            reason = f"surplus: {ahead} trials before it already complete or run toward the {target} asked for"
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
+    return objective(ctx, trial)
 
 
 def live_trials(trials: list[optuna.trial.FrozenTrial], grace_period: float) -> list[optuna.trial.FrozenTrial]:

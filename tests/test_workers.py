@@ -62,15 +62,29 @@ def kill_a_worker_mid_trial(study_name: str, url: str, parent_pid: int, timeout:
                 training = "mlflow_run_id" in t.user_attrs
                 if pid and pid != parent_pid and training and time.time() - started > 0.5 and t.number > 0:
                     candidates.append((time.time() - started, pid, t.number))
-            if candidates:  # the freshest: a trial near its end could complete before the signal lands
+            if candidates:
                 _, pid, number = min(candidates)
-                os.kill(pid, signal.SIGKILL)
-                return number
+                if stopped_while_running(study_name, storage, pid, number):
+                    os.kill(pid, signal.SIGKILL)
+                    return number
             time.sleep(0.2)
     finally:
         if hasattr(storage, "engine"):
             storage.engine.dispose()
     raise AssertionError("no running trial to kill")
+
+
+def stopped_while_running(study_name: str, storage, pid: int, number: int) -> bool:
+    """Stop worker `pid` (SIGSTOP) and read trial `number` again, once a write in flight has had time to land:
+    still RUNNING, it can no longer complete, and the worker stays stopped for the kill; otherwise it goes on. The
+    list read before may be stale: a trial read as running completed before a kill that followed it at once."""
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.5)
+    trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    if next(t for t in trials if t.number == number).state == State.RUNNING:
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def sampled_students(study: optuna.Study) -> list[tuple]:
@@ -204,3 +218,28 @@ def test_every_option_reaches_the_workers(tmp_path, monkeypatch):
             assert kw[key] == parent[key], key
         assert worker_cfg.engine.threads == 1  # this machine's 2 cores split between 3 workers
         assert dataclasses.replace(worker_cfg, engine=parent_cfg.engine) == parent_cfg
+
+
+def test_a_trial_asked_for_once_the_target_is_reached_elsewhere_is_pruned_before_it_samples(monkeypatch):
+    """Two workers that saw 2 of 3 complete at the same moment both ask: the later trial (number 3, behind trial
+    2 running) is surplus. A trial behind a running one that outlived its patience, or an enqueued one, runs."""
+    from types import SimpleNamespace
+
+    import kdsearch.scheduling as scheduling
+
+    monkeypatch.setattr(scheduling, "objective", lambda ctx, trial: "trained")
+    ctx = SimpleNamespace(cfg=SimpleNamespace(search=SimpleNamespace(grace_period=60.0)))
+    study = optuna.create_study()
+    for value in (0.5, 0.6):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    study.ask()  # trial 2: another worker's, running
+    late = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="surplus: 3 trials before it already complete or run toward the 3"):
+        scheduling.surplus_checked(ctx, late, 3)
+    assert study.trials[3].user_attrs["prune_reason"].startswith("surplus") and not study.trials[3].params
+    assert scheduling.surplus_checked(ctx, late, 4) == "trained"
+    ctx.cfg.search.grace_period = 0.0  # the running trial has outlived 3x the slowest (instant) trial: not waited for
+    assert scheduling.surplus_checked(ctx, late, 3) == "trained"
+    ctx.cfg.search.grace_period = 60.0
+    study.enqueue_trial({"x": 1.0})
+    assert scheduling.surplus_checked(ctx, study.ask(), 3) == "trained"
