@@ -88,8 +88,10 @@ def stopped_while_running(study_name: str, storage, pid: int, number: int) -> bo
 
 
 def sampled_students(study: optuna.Study) -> list[tuple]:
-    """The parameter sets the sampler proposed: retries of a killed trial re-run its set on purpose."""
-    return [tuple(sorted(t.params.items())) for t in study.trials if "failed_trial" not in t.system_attrs]
+    """The parameter sets the sampler proposed: retries of a killed trial re-run its set on purpose, and a trial
+    pruned as surplus sampled none."""
+    return [tuple(sorted(t.params.items())) for t in study.trials if "failed_trial" not in t.system_attrs
+            and t.params]
 
 
 def run_workers_killing_one(tmp_path, storage: str, workers: int, extra: list[str]):
