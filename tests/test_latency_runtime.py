@@ -199,9 +199,9 @@ def test_each_family_exported_and_timed_independently_matches_its_trial(families
     timed as has the exported file's operators and tensor shapes. As timed: here on its own, the exported file of
     one student per family reads within 1.5x of the trial's figure. Not tighter: this host's speed drifts by
     about a third between runs of the study (three runs: a convnet's trial 0.0093-0.0134 ms, its own timings
-    0.0109-0.0155 ms), and a CI run read a resnet's trial at 1.41x every own timing taken after it. Eager
-    PyTorch, which the band is there to tell apart, costs 6x (convnet), 15x (resnet) and 38x (separable) the
-    ONNX graph of these students."""
+    0.0109-0.0155 ms), and a CI run read a resnet's trial at 1.41x the nearest of six own timings taken after
+    it. Eager PyTorch, which the band is there to tell apart, costs 6x (convnet), 15x (resnet) and 38x
+    (separable) the ONNX graph of these students."""
     from kdsearch.models import StudentSpec, build_student
 
     study = optuna.load_study(study_name="digits-families", storage=f"sqlite:///{families_study}/optuna.db")
