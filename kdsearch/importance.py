@@ -76,7 +76,7 @@ def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float
         subset = optuna.create_study(directions=study.directions)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    subset.add_trials(trials)
+    subset.add_trials(_within_one_space(trials))
     out = {}
     for i, name in enumerate(_objective_names(study)):
         weighed = [k for k in knobs if not is_distillation_param(k)] if name in ("params", "latency_ms") else knobs
@@ -90,6 +90,31 @@ def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float
             continue
         out[name] = {k: float(v) for k, v in shares.items()}
     return out
+
+
+def _within_one_space(trials: list) -> list:
+    """Copies of `trials` sharing one distribution per knob, widened to hold every trial's value: a no-KD baseline
+    trains at alpha 0 where the range may start above 0, and Optuna refuses a trial outside its distribution. A
+    trial outside a range that cannot simply widen (log, stepped, categorical) is left out."""
+    space: dict = {}
+    for t in trials:
+        for name, value in t.params.items():
+            space[name] = _widened(space.get(name, t.distributions[name]), value)
+    return [optuna.trial.create_trial(params=t.params, distributions={k: space[k] for k in t.params},
+                                      values=t.values) for t in trials
+            if all(_holds(space[k], v) for k, v in t.params.items())]
+
+
+def _holds(d, value) -> bool:
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return value in d.choices
+    return d.low <= value <= d.high
+
+
+def _widened(d, value):
+    if _holds(d, value) or not isinstance(d, optuna.distributions.FloatDistribution) or d.log or d.step:
+        return d
+    return optuna.distributions.FloatDistribution(min(d.low, value), max(d.high, value))
 
 
 def importance_line(importance: dict, study: optuna.Study) -> str:

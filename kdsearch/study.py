@@ -37,6 +37,9 @@ def trial_seed(study_seed: int, number: int) -> int:
 # checks, heartbeats) are settled for our use. Ignored once for the process: a `catch_warnings` block per trial
 # would reset Python's once-only registry and repeat every other warning each trial.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# Only kdsearch enqueues trials (baselines at their papers' values, warm starts checked against the space): a no-KD
+# baseline's alpha 0 below a range starting above 0 is meant, and Optuna's warning broke into the progress lines.
+warnings.filterwarnings("ignore", message=r"Fixed parameter \S+ with value .* is out of range")
 
 
 def _sampler_of(name: str, conditional: bool = False) -> Callable[[int], optuna.samplers.BaseSampler]:

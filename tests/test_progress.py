@@ -76,3 +76,22 @@ def test_a_study_shows_the_teachers_epochs_and_its_running_trials(workdir, capsy
     exp = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_experiment_by_name("digits")
     assert out.strip().splitlines()[-1] == (f"MLflow runs: `mlflow ui` here, then "
                                             f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs")
+
+
+def test_a_no_kd_baseline_below_the_alpha_range_prints_no_warning_between_the_lines(tmp_path):
+    """The no-KD baseline trains at alpha 0 whatever the range: Optuna's out-of-range warning is not shown, and
+    the report weighs the baseline's alpha with the others' (Optuna refused a copy of it outside its range)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-m", "kdsearch", "run-study", "--n-trials", "1", *fast(),
+                           "--set", "distill.alpha=[0.3, 0.9]"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "alpha 0 lr" in done.stdout and "[baseline no-kd]" in done.stdout
+    assert "Fixed parameter" not in done.stdout + done.stderr
+    assert "what drives each objective (fANOVA importance over 3 complete trials" in done.stdout
+    assert "alpha" in json.loads((tmp_path / "reports" / "digits" / "importance.json").read_text())["val_acc"]
