@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "distilled from the study's teacher; then write the Pareto report.")
     _add_study_args(run, "distill.epochs=5")
     run.add_argument("--n-trials", type=_positive_int,
-                     help="trials to add in this run (default: the study file's, 20); a new study's baselines come "
-                          "on top")
+                     help="trials to add in this run (default: the study file's, 20); a new study's baselines and "
+                          "warm-start trials come on top")
     run.add_argument("--timeout", type=_seconds, help="stop starting new trials after this many seconds")
     run.add_argument("--workers", type=_positive_int, default=1,
                      help="local worker processes sharing the study (needs a PostgreSQL or journal: --storage)")

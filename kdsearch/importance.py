@@ -93,13 +93,13 @@ def _importances(study: optuna.Study, trials: list) -> dict[str, dict[str, float
 
 
 def _within_one_space(trials: list) -> list:
-    """Copies of `trials` sharing one distribution per knob, widened to hold every trial's value: a no-KD baseline
-    trains at alpha 0 where the range may start above 0, and Optuna refuses a trial outside its distribution. A
-    trial outside a range that cannot simply widen (log, stepped, categorical) is left out."""
+    """Copies of `trials` sharing one distribution per knob, widened to hold every trial's range and value: a no-KD
+    baseline trains at alpha 0 where the range may start above 0, and Optuna refuses a trial outside its
+    distribution. A trial outside a range that cannot simply widen (a stepped one) is left out."""
     space: dict = {}
     for t in trials:
         for name, value in t.params.items():
-            space[name] = _widened(space.get(name, t.distributions[name]), value)
+            space[name] = _widened(space.get(name, t.distributions[name]), t.distributions[name], value)
     return [optuna.trial.create_trial(params=t.params, distributions={k: space[k] for k in t.params},
                                       values=t.values) for t in trials
             if all(_holds(space[k], v) for k, v in t.params.items())]
@@ -111,10 +111,16 @@ def _holds(d, value) -> bool:
     return d.low <= value <= d.high
 
 
-def _widened(d, value):
-    if _holds(d, value) or not isinstance(d, optuna.distributions.FloatDistribution) or d.log or d.step:
+def _widened(d, other, value):
+    """`d` widened to `other`'s range and to `value`, where the two are of one kind without steps."""
+    dist = optuna.distributions
+    if isinstance(d, dist.CategoricalDistribution) and isinstance(other, dist.CategoricalDistribution):
+        return dist.CategoricalDistribution(list(dict.fromkeys([*d.choices, *other.choices, value])))
+    if type(d) is not type(other) or not isinstance(d, dist.FloatDistribution | dist.IntDistribution) or (
+            d.step not in (None, 1) or other.step not in (None, 1)):
         return d
-    return optuna.distributions.FloatDistribution(min(d.low, value), max(d.high, value))
+    low, high = min(d.low, other.low, value), max(d.high, other.high, value)
+    return type(d)(low, high, log=d.log and low > 0)
 
 
 def importance_line(importance: dict, study: optuna.Study) -> str:

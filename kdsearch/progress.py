@@ -155,8 +155,8 @@ def print_progress(target: int, started: float, complete_only: bool = False, sta
         with lock:
             callback.mine += 1
             mine = callback.mine
-        head = (f"trial {trial.number:3d} {study_progress(study, target, complete_only, mine)} "
-                f"{params_line(trial.params)}")
+        head = f"trial {trial.number:3d} {study_progress(study, target, complete_only, mine)}"
+        head += f" {params_line(trial.params)}" if trial.params else ""  # none: pruned as surplus before sampling
         a = trial.user_attrs
         cost = f"params {a['params']:,} latency {a['latency_ms']:.3f} ms" if "params" in a else ""
         if trial.state == optuna.trial.TrialState.COMPLETE:

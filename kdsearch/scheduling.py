@@ -153,17 +153,22 @@ def run_until_complete(session: Session, target: int, callbacks: list, failures,
 def surplus_checked(ctx, trial: optuna.Trial, target: int):
     """`objective`, unless the trials numbered below this one already make the target (complete, or running and
     worth waiting for): two workers that saw the study one short at the same moment both asked for a trial, and
-    the later one is pruned before it samples anything (and has no MLflow run). An enqueued trial (a baseline, a
-    warm start) always runs."""
+    the later one is pruned before it samples anything (and has no MLflow run). A queued trial (a baseline, a warm
+    start, a killed trial's retry) always runs."""
     trials = trial.study.get_trials(deepcopy=False)
-    if not any(t.number == trial.number and "fixed_params" in t.system_attrs for t in trials):
-        below = [t for t in trials if t.number < trial.number]
-        ahead = sum(t.state == COMPLETE for t in below) + len(live_trials(below, ctx.cfg.search.grace_period))
-        if ahead >= target:
-            reason = f"surplus: {ahead} trials before it already complete or run toward the {target} asked for"
-            trial.set_user_attr("prune_reason", reason)
-            raise optuna.TrialPruned(reason)
+    mine = next(t for t in trials if t.number == trial.number)
+    if "fixed_params" in mine.system_attrs or "failed_trial" in mine.system_attrs:
+        return objective(ctx, trial)
+    below = [t for t in trials if t.number < trial.number]
+    ahead = sum(t.state == COMPLETE for t in below) + len(live_trials(below, ctx.cfg.search.grace_period))
+    if ahead >= target:
+        reason = f"{SURPLUS} {ahead} trials before it already complete or run toward the {target} asked for"
+        trial.set_user_attr("prune_reason", reason)
+        raise optuna.TrialPruned(reason)
     return objective(ctx, trial)
+
+
+SURPLUS = "surplus:"
 
 
 def live_trials(trials: list[optuna.trial.FrozenTrial], grace_period: float) -> list[optuna.trial.FrozenTrial]:
@@ -178,6 +183,7 @@ def live_trials(trials: list[optuna.trial.FrozenTrial], grace_period: float) -> 
 
 def _give_up_message(trials: list[optuna.trial.FrozenTrial], complete: int, target: int, attempts: int) -> str:
     reasons = [t.user_attrs.get("prune_reason") or t.user_attrs.get("fail_reason") for t in trials]
-    reason = next((r for r in reversed(reasons) if r), "see the trials' reasons in MLflow")
+    reasons = [r for r in reasons if r and not r.startswith(SURPLUS)]  # a surplus trial says nothing of the limits
+    reason = reasons[-1] if reasons else "see the trials' reasons in MLflow"
     return (f"stopped: only {complete} of {target} trials are complete after {attempts} more were tried (the last: "
             f"{reason}): loosen search.max_params, search.max_latency_ms or the pruner, then resume")

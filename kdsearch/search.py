@@ -19,7 +19,7 @@ from kdsearch.execution import parallel_execution, processes_for
 from kdsearch.progress import TrialStatus, print_progress
 from kdsearch.scheduling import long_lived_objects_frozen, run_trials, run_until_complete, stop_on_repeated_failure
 from kdsearch.session import open_session
-from kdsearch.study import waiting_baselines
+from kdsearch.study import waiting_enqueued
 
 
 def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str = "sqlite:///optuna.db",
@@ -37,12 +37,13 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
     failures = stop_on_repeated_failure()
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     session.ctx.status = TrialStatus()
-    baselines = 0 if until_complete else waiting_baselines(study)
-    n_trials = cfg.search.n_trials + baselines
+    enqueued = {} if until_complete else waiting_enqueued(study)
+    n_trials = cfg.search.n_trials + sum(enqueued.values())
     progress = print_progress(until_complete or n_trials, time.time(), bool(until_complete), session.ctx.status)
     callbacks = [progress, release_memory_after_failure, failures]
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our progress line replaces Optuna's
-    after = f" after its {baselines} baseline{'s' if baselines > 1 else ''}" if baselines else ""
+    queued = [f"{n} {kind if n > 1 else kind[:-1]}" for kind, n in enqueued.items() if n]
+    after = f" after its {' and '.join(queued)}" if queued else ""
     print(f"study '{study.study_name}': {finished} trials so far, running "
           f"{f'until {until_complete} are complete' if until_complete else f'{cfg.search.n_trials} more'}"
           f"{after} on {session.device}", flush=True)

@@ -160,7 +160,8 @@ def enqueue_front(study: optuna.Study, cfg: StudyConfig, earlier: optuna.Study, 
             continue
         params = translated_params(cfg, t.params, t.user_attrs.get("family", t.params.get("arch", "convnet")))
         if params_in_space(cfg, params):
-            study.enqueue_trial(params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}"})
+            study.enqueue_trial(params, user_attrs={"warm_start": f"{earlier.study_name}#{t.number}",
+                                                    "enqueued_by": worker_identity()["worker"]})
             taken.append(t.number)
         else:
             outside.append(t.number)
@@ -210,14 +211,18 @@ def requeue_interrupted_baselines(study: optuna.Study) -> None:
             print(f"baseline trial {t.number} ({t.user_attrs['baseline']}) was interrupted: queued again", flush=True)
 
 
-def waiting_baselines(study: optuna.Study) -> int:
-    """Baselines this process enqueued (it made the study) that have not run yet. They come on top of its
-    `search.n_trials`: they are references for the KD gain, not the sampler's picks (counted in, they took 2 of the
-    default study's 20 trials, one a twin of the other, and its front trailed a plain Optuna script's; BENCHMARKS.md,
-    issue 19). Another host that joins the study, or a session resuming one, runs what is left within its own."""
+def waiting_enqueued(study: optuna.Study) -> dict[str, int]:
+    """The trials this process enqueued (it made the study) that have not run yet, by kind: `baselines` and `warm
+    starts`. They come on top of its `search.n_trials`: they are references for the KD gain and an earlier study's
+    front, not the sampler's picks (baselines counted in took 2 of the default study's 20 trials, one a twin of the
+    other, and its front trailed a plain Optuna script's; BENCHMARKS.md, issue 19; a front counted in could leave
+    the baselines waiting). Another host that joins the study, or a session resuming one, runs what is left within
+    its own."""
     here = worker_identity()["worker"]
-    waiting = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
-    return sum("baseline" in t.user_attrs and t.user_attrs.get("enqueued_by") == here for t in waiting)
+    mine = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
+            if t.user_attrs.get("enqueued_by") == here]
+    return {"baselines": sum("baseline" in t.user_attrs for t in mine),
+            "warm starts": sum("warm_start" in t.user_attrs for t in mine)}
 
 
 BASELINE_ALPHAS = {"no-kd": 0.0, "kd": 0.5}

@@ -24,7 +24,7 @@ from kdsearch import KdsearchError, tracking
 from kdsearch.config import StudyConfig
 from kdsearch.credentials import worker_environment
 from kdsearch.storage import fail_dead_local_trials, is_sqlite
-from kdsearch.study import waiting_baselines
+from kdsearch.study import waiting_enqueued
 
 
 def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study_name: str | None, storage: str,
@@ -41,7 +41,7 @@ def run_workers(cfg: StudyConfig, workers: int, worker_args: list[str], *, study
                            cache_dir=cache_dir, warm_start_from=warm_start_from)
     study = session.study
     done = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
-    target = done + cfg.search.n_trials + waiting_baselines(study)
+    target = done + cfg.search.n_trials + sum(waiting_enqueued(study).values())
     print(f"starting {workers} workers until study '{study.study_name}' holds {target} complete trials", flush=True)
     started = time.time()
     procs = []

@@ -170,10 +170,15 @@ def quiet_timing_ms(path, input_shape: tuple[int, ...], trial) -> float:
 
 
 def graph_layers(graph) -> list[tuple]:
-    """An ONNX graph's operators in order, each with its initializers' shapes: what timing it costs, not its
-    weights. Identity nodes are read through: the exporter's optimiser shares an untrained model's equal tensors
-    (BatchNorm's ones and zeros) between layers through them, and ONNX Runtime removes them."""
+    """An ONNX graph's operators in order, each with its attributes (strides, pads, groups; a tensor's shape only)
+    and its initializers' shapes: what timing it costs, not its weights. Identity nodes are read through: the
+    exporter's optimiser shares an untrained model's equal tensors (BatchNorm's ones and zeros) between layers
+    through them, and ONNX Runtime removes them."""
     import onnx
+
+    def attribute(a):
+        value = onnx.helper.get_attribute_value(a)
+        return a.name, tuple(value.dims) if a.type == onnx.AttributeProto.TENSOR else repr(value)
 
     model = onnx.load_from_string(graph) if isinstance(graph, bytes) else onnx.load(str(graph))
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
@@ -182,7 +187,8 @@ def graph_layers(graph) -> list[tuple]:
         if n.op_type == "Identity":
             shapes[n.output[0]] = shapes.get(n.input[0])
         else:
-            layers.append((n.op_type, tuple(shapes.get(i) for i in n.input)))
+            attrs = tuple(sorted(attribute(a) for a in n.attribute))
+            layers.append((n.op_type, tuple(shapes.get(i) for i in n.input), attrs))
     return layers
 
 
@@ -196,12 +202,12 @@ def families_study(tmp_path_factory):
 
 def test_each_family_exported_and_timed_independently_matches_its_trial(families_study):
     """The study's latency is what the deployed student.onnx costs. Exactly: the graph a trial's architecture is
-    timed as has the exported file's operators and tensor shapes. As timed: here on its own, the exported file of
-    one student per family reads within 1.5x of the trial's figure. Not tighter: this host's speed drifts by
-    about a third between runs of the study (three runs: a convnet's trial 0.0093-0.0134 ms, its own timings
-    0.0109-0.0155 ms), and a CI run read a resnet's trial at 1.41x the nearest of six own timings taken after
-    it. Eager PyTorch, which the band is there to tell apart, costs 6x (convnet), 15x (resnet) and 38x
-    (separable) the ONNX graph of these students."""
+    timed as has the exported file's operators, their attributes and tensor shapes. As timed: here on its own,
+    the exported file of one student per family reads within 1.5x of the trial's figure. Not tighter: this host's
+    speed drifts by about a third between runs of the study (three runs: a convnet's trial 0.0093-0.0134 ms, its
+    own timings 0.0109-0.0155 ms), and a CI run read a resnet's trial at 1.41x the nearest of six own timings
+    taken after it. Eager PyTorch, which the band is there to tell apart, costs 6x (convnet), 15x (resnet) and
+    38x (separable) the ONNX graph of these students."""
     from kdsearch.models import StudentSpec, build_student
 
     study = optuna.load_study(study_name="digits-families", storage=f"sqlite:///{families_study}/optuna.db")

@@ -89,3 +89,31 @@ def test_kd_gain_over_repeated_pairs_has_the_seeds_standard_error():
     # mean 0.04; sd of (0.02, 0.04, 0.06) = 0.02; se = 0.02 / sqrt(3)
     assert gain["val_gain"] == pytest.approx(0.04) and gain["val_gain_se"] == pytest.approx(0.02 / 3**0.5)
     assert gain["val_acc"] == pytest.approx([0.90, 0.94])
+
+
+def test_importance_weighs_a_baseline_outside_the_alpha_range_in_a_widened_space():
+    """A no-KD baseline (alpha 0) in a study searching alpha in [0.3, 0.9] is copied with the others into one
+    space, alpha [0, 0.9]; only a value off a stepped range (no simple widening) leaves its trial out."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from kdsearch.importance import _within_one_space
+
+    wide = FloatDistribution(0.0, 1.0)
+
+    space = {"alpha": FloatDistribution(0.3, 0.9), "depth": IntDistribution(1, 3),
+             "method": CategoricalDistribution(["kd", "dkd"]), "lr": FloatDistribution(0.01, 0.3, log=True)}
+    rows = [(0.0, 2, "kd", 0.05), (0.5, 1, "dkd", 0.1), (0.7, 3, "kd", 0.2)]
+    trials = [optuna.trial.create_trial(params=dict(zip(space, row)), distributions=space | {"alpha": wide},
+                                        value=0.5) for row in rows]
+    for t in trials:  # as a study records an enqueued trial: its value, the searched range
+        t.distributions = space
+    copies = _within_one_space(trials)
+    assert [t.params for t in copies] == [t.params for t in trials]
+    assert copies[0].distributions["alpha"] == FloatDistribution(0.0, 0.9)
+    assert copies[0].distributions["lr"] == space["lr"] and copies[0].distributions["depth"] == space["depth"]
+    optuna.create_study().add_trials(copies)  # Optuna takes every copy
+    stepped = {"alpha": FloatDistribution(0.3, 0.9, step=0.3)}
+    off = [optuna.trial.create_trial(params={"alpha": a}, distributions={"alpha": wide}, value=0.5) for a in (0, 0.6)]
+    for t in off:
+        t.distributions = stepped
+    assert [t.params["alpha"] for t in _within_one_space(off)] == [0.6]

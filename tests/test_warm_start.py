@@ -17,16 +17,24 @@ def load(folder, name):
 
 
 def test_warm_start_enqueues_exactly_the_earlier_front(workdir, capsys):
+    """The earlier front comes on top of --n-trials, like the baselines: counted in, a front of 2 or more left
+    the baselines waiting (and the report without its KD gain)."""
     assert main(["run-study", "--n-trials", "6", "--study-name", "first", *FAST]) == 0
     front = [t for t in load(workdir, "first").best_trials if "baseline" not in t.user_attrs]  # own baselines come
-    assert main(["run-study", "--n-trials", str(len(front)), "--study-name", "second", "--warm-start-from", "first",
+    assert len(front) >= 2
+    assert main(["run-study", "--n-trials", "1", "--study-name", "second", "--warm-start-from", "first",
                  *FAST, "--set", "distill.epochs=3"]) == 0
     second = load(workdir, "second")
     started = second.trials[:len(front)]
     assert [t.params for t in started] == [t.params for t in front]
     assert [t.user_attrs["warm_start"] for t in started] == [f"first#{t.number}" for t in front]
+    kinds = [t.user_attrs.get("baseline", "warm" if "warm_start" in t.user_attrs else "sampled") for t in second.trials]
+    assert sorted(kinds) == sorted(["warm"] * len(front) + ["no-kd", "kd", "sampled"])
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in second.trials)  # none left waiting
     said = capsys.readouterr().out
     assert f"warm start from 'first': enqueued its front's trials {[t.number for t in front]}" in said
+    assert f"running 1 more after its 2 baselines and {len(front)} warm starts" in said
+    assert "KD gain of the convnet" in said
 
 
 def test_warm_start_from_a_missing_study_is_a_one_line_error(workdir, capsys):

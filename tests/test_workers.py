@@ -222,9 +222,10 @@ def test_every_option_reaches_the_workers(tmp_path, monkeypatch):
         assert dataclasses.replace(worker_cfg, engine=parent_cfg.engine) == parent_cfg
 
 
-def test_a_trial_asked_for_once_the_target_is_reached_elsewhere_is_pruned_before_it_samples(monkeypatch):
+def test_a_trial_asked_for_once_the_target_is_reached_elsewhere_is_pruned_before_it_samples(monkeypatch, capsys):
     """Two workers that saw 2 of 3 complete at the same moment both ask: the later trial (number 3, behind trial
-    2 running) is surplus. A trial behind a running one that outlived its patience, or an enqueued one, runs."""
+    2 running) is surplus, and its progress line shows no parameters (it sampled none). A trial behind a running
+    one that outlived its patience, an enqueued one and a killed trial's retry run."""
     from types import SimpleNamespace
 
     import kdsearch.scheduling as scheduling
@@ -239,9 +240,18 @@ def test_a_trial_asked_for_once_the_target_is_reached_elsewhere_is_pruned_before
     with pytest.raises(optuna.TrialPruned, match="surplus: 3 trials before it already complete or run toward the 3"):
         scheduling.surplus_checked(ctx, late, 3)
     assert study.trials[3].user_attrs["prune_reason"].startswith("surplus") and not study.trials[3].params
-    assert scheduling.surplus_checked(ctx, late, 4) == "trained"
+    study.tell(late, state=State.PRUNED)
+    late = study.ask()
+    assert scheduling.surplus_checked(ctx, late, 5) == "trained"
     ctx.cfg.search.grace_period = 0.0  # the running trial has outlived 3x the slowest (instant) trial: not waited for
     assert scheduling.surplus_checked(ctx, late, 3) == "trained"
     ctx.cfg.search.grace_period = 60.0
     study.enqueue_trial({"x": 1.0})
     assert scheduling.surplus_checked(ctx, study.ask(), 3) == "trained"
+    study.add_trial(optuna.trial.create_trial(state=State.WAITING, system_attrs={"failed_trial": 2}))  # a retry
+    assert scheduling.surplus_checked(ctx, study.ask(), 3) == "trained"
+    from kdsearch.progress import print_progress
+
+    print_progress(3, time.time(), complete_only=True)(study, study.trials[3])
+    line = capsys.readouterr().out
+    assert line.startswith("trial   3 [2/3 complete] | PRUNED: surplus: 3 trials before it") and "alpha" not in line
