@@ -116,8 +116,8 @@ def _widened(d, other, value):
     dist = optuna.distributions
     if isinstance(d, dist.CategoricalDistribution) and isinstance(other, dist.CategoricalDistribution):
         return dist.CategoricalDistribution(list(dict.fromkeys([*d.choices, *other.choices, value])))
-    if type(d) is not type(other) or not isinstance(d, dist.FloatDistribution | dist.IntDistribution) or (
-            d.step not in (None, 1) or other.step not in (None, 1)):
+    unstepped = {dist.FloatDistribution: None, dist.IntDistribution: 1}.get(type(d), "none")
+    if type(d) is not type(other) or d.step != unstepped or other.step != unstepped:
         return d
     low, high = min(d.low, other.low, value), max(d.high, other.high, value)
     return type(d)(low, high, log=d.log and low > 0)

@@ -26,9 +26,9 @@ def run_study(cfg: StudyConfig, *, study_name: str | None = None, storage: str =
               tracking_uri: str | None = None, device: str | None = None, cache_dir: str | Path = ".kdsearch-cache",
               reports_dir: str | Path = "reports", until_complete: int | None = None,
               report: bool = True, warm_start_from: str | None = None) -> optuna.Study:
-    """Run (or resume) a study: `cfg.search.n_trials` more trials, after the baselines a new study enqueued (or, as
-    one of several workers, trials until the study holds `until_complete` complete ones), then write and log the
-    report."""
+    """Run (or resume) a study: `cfg.search.n_trials` more trials, after the baselines and warm-start trials a new
+    study enqueued (or, as one of several workers, trials until the study holds `until_complete` complete ones),
+    then write and log the report."""
     from kdsearch.report import report_study  # pandas and plotly: imported once there is a front to draw
 
     session = open_session(cfg, study_name=study_name, storage=storage, tracking_uri=tracking_uri, device=device,
