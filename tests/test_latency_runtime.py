@@ -17,7 +17,7 @@ from torch import nn
 from kdsearch import KdsearchError
 from kdsearch.cli import main
 from kdsearch.config import LatencyConfig, StudyConfig
-from kdsearch.measure import measure_latency
+from kdsearch.measure import measure_latency, time_forward
 from kdsearch.models import Architecture, build_model
 from kdsearch.onnx_graph import deployed_graph, mismatch, to_onnx
 
@@ -147,7 +147,8 @@ def own_timing_ms(path, input_shape: tuple[int, ...]) -> float:
     return statistics.median(blocks)
 
 
-BAND = 1.5  # see the test below
+BAND = 2.5  # see the test below
+EAGER = LatencyConfig(runtime="torch", min_run_time=0.2)
 
 
 def quiet_timing_ms(path, input_shape: tuple[int, ...], trial) -> float:
@@ -203,11 +204,11 @@ def families_study(tmp_path_factory):
 def test_each_family_exported_and_timed_independently_matches_its_trial(families_study):
     """The study's latency is what the deployed student.onnx costs. Exactly: the graph a trial's architecture is
     timed as has the exported file's operators, their attributes and tensor shapes. As timed: here on its own,
-    the exported file of one student per family reads within 1.5x of the trial's figure. Not tighter: this host's
-    speed drifts by about a third between runs of the study (three runs: a convnet's trial 0.0093-0.0134 ms, its
-    own timings 0.0109-0.0155 ms), and a CI run read a resnet's trial at 1.41x the nearest of six own timings
-    taken after it. Eager PyTorch, which the band is there to tell apart, costs 6x (convnet), 15x (resnet) and
-    38x (separable) the ONNX graph of these students."""
+    the exported file of one student per family reads nearer the trial's figure than eager PyTorch does, and
+    within 2.5x of it. Not tighter: this host's speed drifts between timings (three runs of the study: a
+    convnet's trial 0.0093-0.0134 ms, its own timings 0.0109-0.0155 ms; CI runs read a resnet's trial at 1.41x
+    and a separable's at 1.65x the nearest of six own timings taken after it). Eager PyTorch costs 6x (convnet),
+    15x (resnet) and 38x (separable) the ONNX graph of these students."""
     from kdsearch.models import StudentSpec, build_student
 
     study = optuna.load_study(study_name="digits-families", storage=f"sqlite:///{families_study}/optuna.db")
@@ -228,8 +229,11 @@ def test_each_family_exported_and_timed_independently_matches_its_trial(families
         timed = deployed_graph(untrained, (1, 8, 8), "the student", (data["mean"], data["std"]))
         assert graph_layers(timed) == graph_layers(out / "student.onnx"), family
         ratio = trial.user_attrs["latency_ms"] / quiet_timing_ms(out / "student.onnx", (1, 8, 8), trial)
+        eager = trial.user_attrs["latency_ms"] / time_forward(untrained, (1, 8, 8), EAGER).median_ms
         ours = trial.user_attrs["latency_ms"] / ratio
-        print(f"{family}: trial {trial.user_attrs['latency_ms']:.4f} ms, own timing {ours:.4f} ms ({ratio:.2f}x)")
+        print(f"{family}: trial {trial.user_attrs['latency_ms']:.4f} ms, own timing {ours:.4f} ms ({ratio:.2f}x), "
+              f"eager PyTorch {trial.user_attrs['latency_ms'] / eager:.4f} ms")
+        assert abs(math.log(ratio)) < abs(math.log(eager)), f"{family}: the trial's figure is eager PyTorch's"
         assert 1 / BAND <= ratio <= BAND, f"{family}: the trial's latency is {ratio:.2f}x the exported graph's"
 
 
