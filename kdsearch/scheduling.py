@@ -150,6 +150,9 @@ def run_until_complete(session: Session, target: int, callbacks: list, failures,
                        callbacks=callbacks)
 
 
+SURPLUS = "surplus:"  # how a surplus trial's prune reason starts
+
+
 def surplus_checked(ctx, trial: optuna.Trial, target: int):
     """`objective`, unless the trials numbered below this one already make the target (complete, or running and
     worth waiting for): two workers that saw the study one short at the same moment both asked for a trial, and
@@ -166,9 +169,6 @@ def surplus_checked(ctx, trial: optuna.Trial, target: int):
         trial.set_user_attr("prune_reason", reason)
         raise optuna.TrialPruned(reason)
     return objective(ctx, trial)
-
-
-SURPLUS = "surplus:"
 
 
 def live_trials(trials: list[optuna.trial.FrozenTrial], grace_period: float) -> list[optuna.trial.FrozenTrial]:

@@ -212,12 +212,10 @@ def requeue_interrupted_baselines(study: optuna.Study) -> None:
 
 
 def waiting_enqueued(study: optuna.Study) -> dict[str, int]:
-    """The trials this process enqueued (it made the study) that have not run yet, by kind: `baselines` and `warm
-    starts`. They come on top of its `search.n_trials`: they are references for the KD gain and an earlier study's
-    front, not the sampler's picks (baselines counted in took 2 of the default study's 20 trials, one a twin of the
-    other, and its front trailed a plain Optuna script's; BENCHMARKS.md, issue 19; a front counted in could leave
-    the baselines waiting). Another host that joins the study, or a session resuming one, runs what is left within
-    its own."""
+    """The trials this process enqueued (it made the study) that have not run yet, by kind. They come on top of its
+    `search.n_trials`, not being the sampler's picks (counted in, baselines cost the default study 2 of its 20
+    trials, BENCHMARKS.md, and a front left the baselines waiting). Another host, or a resumed session, runs what
+    is left within its own."""
     here = worker_identity()["worker"]
     mine = [t for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.WAITING])
             if t.user_attrs.get("enqueued_by") == here]
